@@ -1,0 +1,323 @@
+"""Atomic, verified, rotating training checkpoints shared by every training script.
+
+A checkpoint is a folder ``step_00001234/`` under the run's ``checkpoints/`` folder:
+
+  module-<name>.safetensors     weights of each module (EMA too: it is a module), written by rank 0
+  optim-<name>.safetensors      the optimizer's tensors ...
+  optim-<name>.json             ... and the rest of its state_dict (param groups, scalar step counts)
+  state.json                    step, LR schedules, grad scaler, counters (rank 0)
+  rank-<r>.json                 per-process state: every torch.Generator, the data position
+  manifest.json                 sha256 of every file above, written last
+
+Why not accelerate's ``save_state``: with a total limit it deletes the old checkpoint before the
+new one is complete, ``load_state`` then picks a half-written folder, a missing RNG file is only
+logged, and its custom objects are pickles. Here:
+
+1. every file is written into ``.tmp-step_00001234/`` and fsynced;
+2. rank 0 writes ``manifest.json`` last, fsyncs, and renames the folder into place;
+3. only then are checkpoints beyond ``keep_last`` deleted;
+4. resume verifies the manifest (sha256 catches a flipped byte that safetensors alone would load)
+   and falls back to the previous checkpoint when the newest is damaged.
+
+Weights in DDP are identical on every rank, so rank 0 writes them once. Sharded strategies (FSDP
+full-shard, DeepSpeed ZeRO-3) would need every rank to write its shard; they are refused by
+``runtime.setup_accelerator`` until that is supported.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing files, a bad hash, or a mismatched run."""
+
+
+class JSONStateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+class Distributed(Protocol):
+    """The part of ``accelerate.Accelerator`` this module uses (a stub in single-process tests)."""
+
+    process_index: int
+    num_processes: int
+    is_main_process: bool
+
+    def wait_for_everyone(self) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue bitwise identically after a restart."""
+
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # unwrapped; EMA included
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    shared: dict[str, JSONStateful] = field(default_factory=dict)  # LR schedules, grad scaler
+    generators: dict[str, torch.Generator] = field(default_factory=dict)  # this rank's streams
+    per_rank: dict[str, JSONStateful] = field(default_factory=dict)  # the data loader position
+    step: int = 0
+    counters: dict[str, int] = field(default_factory=dict)  # e.g. skipped non-finite steps
+
+
+# ---------------------------------------------------------------------------------------------
+# file helpers
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
+    _fsync_file(path)
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    # safetensors refuses shared storage and non-contiguous views; clone to be safe.
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
+    _fsync_file(path)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# (de)serialising optimizers and generators without pickle
+
+
+def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``opt.state_dict()`` into safetensors-ready tensors and a JSON-ready rest."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in sd["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def generator_state(g: torch.Generator) -> dict[str, str]:
+    return {"device": str(g.device), "state": base64.b64encode(g.get_state().numpy().tobytes()).decode()}
+
+
+def restore_generator(g: torch.Generator, saved: dict[str, str]) -> None:
+    raw = base64.b64decode(saved["state"])
+    g.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+def _global_rng_state() -> dict[str, Any]:
+    # We draw nothing from the global RNG ourselves, but libraries might (dropout, init);
+    # restoring it too costs nothing and removes a source of divergence.
+    out = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        out["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return out
+
+
+def _restore_global_rng(saved: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(saved["torch"])), dtype=torch.uint8))
+    if "cuda" in saved and torch.cuda.is_available():
+        cuda = torch.frombuffer(bytearray(base64.b64decode(saved["cuda"])), dtype=torch.uint8)
+        torch.cuda.set_rng_state(cuda)
+
+
+# ---------------------------------------------------------------------------------------------
+# the manager
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointManager:
+    """Saves and restores ``TrainState`` under ``root`` for one run (all processes call it)."""
+
+    def __init__(self, root: str | Path, dist: Distributed, keep_last: int = 2):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1 (got {keep_last}): a run needs one checkpoint to resume")
+        self.root = Path(root)
+        self.dist = dist
+        self.keep_last = keep_last
+
+    # -- listing -----------------------------------------------------------------------------
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Renamed-into-place checkpoint folders, oldest first (not yet verified)."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+        return [p for _, p in sorted(found)]
+
+    def verify(self, path: Path) -> dict[str, Any]:
+        """Return the manifest of ``path`` after checking every file's sha256; raise if anything is off."""
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise CheckpointError(f"{path}: no manifest.json, so the save never completed")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        for name, digest in manifest["files"].items():
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{path}: {name} is listed in the manifest but missing")
+            if sha256_file(f) != digest:
+                raise CheckpointError(f"{path}: {name} is corrupt (its sha256 does not match the manifest)")
+        return manifest
+
+    def latest_valid(self) -> Path | None:
+        """Newest checkpoint that verifies; damaged ones are reported and skipped."""
+        for path in reversed(self.complete_checkpoints()):
+            try:
+                self.verify(path)
+                return path
+            except (CheckpointError, json.JSONDecodeError, KeyError) as e:
+                log.warning("skipping damaged checkpoint: %s", e)
+        return None
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def save(self, state: TrainState) -> Path:
+        """Write ``state`` atomically; every process must call this at the same step."""
+        final = self.root / step_dir_name(state.step)
+        tmp = self.root / f".tmp-{final.name}"
+        if self.dist.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self.dist.wait_for_everyone()
+        self._write_rank_file(tmp, state)
+        if self.dist.is_main_process:
+            self._write_shared_files(tmp, state)
+        self.dist.wait_for_everyone()  # every rank's file is on disk before the manifest
+        if self.dist.is_main_process:
+            self._finalise(tmp, final, state.step)
+            self._rotate()
+        self.dist.wait_for_everyone()
+        return final
+
+    def _write_rank_file(self, tmp: Path, state: TrainState) -> None:
+        payload = {
+            "generators": {k: generator_state(g) for k, g in state.generators.items()},
+            "per_rank": {k: obj.state_dict() for k, obj in state.per_rank.items()},
+            "global_rng": _global_rng_state(),
+        }
+        _write_json(tmp / f"rank-{self.dist.process_index}.json", payload)
+
+    def _write_shared_files(self, tmp: Path, state: TrainState) -> None:
+        for name, module in state.modules.items():
+            _write_tensors(tmp / f"module-{name}.safetensors", module.state_dict())
+        for name, opt in state.optimizers.items():
+            tensors, meta = optimizer_to_files(opt)
+            _write_tensors(tmp / f"optim-{name}.safetensors", tensors)
+            _write_json(tmp / f"optim-{name}.json", meta)
+        shared = {
+            "format_version": FORMAT_VERSION,
+            "step": state.step,
+            "world_size": self.dist.num_processes,
+            "counters": state.counters,
+            "shared": {k: obj.state_dict() for k, obj in state.shared.items()},
+        }
+        _write_json(tmp / "state.json", shared)
+
+    def _finalise(self, tmp: Path, final: Path, step: int) -> None:
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        missing = [f"rank-{r}.json" for r in range(self.dist.num_processes) if f"rank-{r}.json" not in files]
+        if missing:
+            raise CheckpointError(f"{tmp}: processes did not write {missing}; is the folder on a shared filesystem?")
+        _write_json(tmp / "manifest.json", {"format_version": FORMAT_VERSION, "step": step, "files": files})
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. preempted right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+
+    def _rotate(self) -> None:
+        complete = self.complete_checkpoints()
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load(self, path: Path, state: TrainState) -> None:
+        """Restore ``state`` in place from ``path`` (verified first)."""
+        self.verify(path)
+        shared = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if shared["world_size"] != self.dist.num_processes:
+            raise CheckpointError(
+                f"{path} was written by {shared['world_size']} processes but this run has "
+                f"{self.dist.num_processes}; an exact resume needs the same number of processes "
+                "(each one's random streams and data position are saved). Relaunch with the original count."
+            )
+        for name, module in state.modules.items():
+            module.load_state_dict(load_file(str(path / f"module-{name}.safetensors")))
+        for name, opt in state.optimizers.items():
+            meta = json.loads((path / f"optim-{name}.json").read_text(encoding="utf-8"))
+            opt.load_state_dict(optimizer_from_files(load_file(str(path / f"optim-{name}.safetensors")), meta))
+        for name, obj in state.shared.items():
+            obj.load_state_dict(shared["shared"][name])
+        self._load_rank_file(path, state)
+        state.step = int(shared["step"])
+        state.counters.update(shared["counters"])
+
+    def _load_rank_file(self, path: Path, state: TrainState) -> None:
+        mine = json.loads((path / f"rank-{self.dist.process_index}.json").read_text(encoding="utf-8"))
+        for name, g in state.generators.items():
+            if name not in mine["generators"]:
+                raise CheckpointError(f"{path}: no saved state for random stream {name!r}")
+            restore_generator(g, mine["generators"][name])
+        for name, obj in state.per_rank.items():
+            obj.load_state_dict(mine["per_rank"][name])
+        _restore_global_rng(mine["global_rng"])
+
+    def resume(self, state: TrainState) -> Path | None:
+        """Load the newest valid checkpoint into ``state``; return its path, or None for a fresh run."""
+        path = self.latest_valid()
+        if path is not None:
+            self.load(path, state)
+        return path

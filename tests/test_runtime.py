@@ -1,0 +1,92 @@
+"""Step guard, EMA, generators and the config command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from launch.runtime import EMA, PreemptionFlag, RunConfig, StepGuard, TooManySkippedSteps, make_generators
+from ldm.cli import ConfigError, parse_config, save_config
+
+
+class OneProcess:
+    device = torch.device("cpu")
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor
+
+
+def test_non_finite_steps_are_skipped_then_abort():
+    guard = StepGuard(OneProcess(), RunConfig(max_skipped_steps=2, skip_window=10), PreemptionFlag())
+    assert guard.check(torch.tensor(1.5), step=0) == (True, False)
+    assert guard.check(torch.tensor(float("nan")), step=1) == (False, False)
+    assert guard.check(torch.tensor(float("inf")), step=2) == (False, False)
+    with pytest.raises(TooManySkippedSteps, match="learning rate"):
+        guard.check(torch.tensor(float("nan")), step=3)
+
+
+def test_skips_outside_the_window_are_forgotten():
+    guard = StepGuard(OneProcess(), RunConfig(max_skipped_steps=1, skip_window=5), PreemptionFlag())
+    guard.check(torch.tensor(float("nan")), step=0)
+    guard.check(torch.tensor(float("nan")), step=10)  # the first skip left the window
+    assert guard.total_skipped == 2
+
+
+def test_sigterm_sets_the_stop_flag():
+    flag = PreemptionFlag()
+    guard = StepGuard(OneProcess(), RunConfig(), flag)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.check(torch.tensor(1.0), step=0) == (True, True)
+    assert flag.signal_name == "SIGTERM"
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+
+def test_ema_warmup_and_copy():
+    model = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.99)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # t=1: decay = min(0.99, 2/11)
+    expected = 1.0 - 2 / 11
+    target = torch.nn.Linear(3, 1, bias=False)
+    ema.copy_to(target)
+    assert torch.allclose(target.weight, torch.full((1, 3), expected))
+    assert int(ema.num_updates) == 1
+
+
+def test_generators_are_distinct_per_rank_and_name_and_reproducible():
+    a = make_generators(7, 0, ["noise", "timesteps"])
+    b = make_generators(7, 1, ["noise"])
+    again = make_generators(7, 0, ["timesteps", "noise"])
+    draws = {k: torch.rand(4, generator=g) for k, g in a.items()}
+    assert not torch.equal(draws["noise"], torch.rand(4, generator=b["noise"]))
+    assert not torch.equal(draws["noise"], draws["timesteps"])
+    assert torch.equal(draws["noise"], torch.rand(4, generator=again["noise"]))
+
+
+def test_cli_preset_config_file_and_overrides(tmp_path):
+    presets = {"quick": RunConfig(max_steps=10, seed=3)}
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"seed": 5, "mixed_precision": "bf16"}))
+    cfg = parse_config(RunConfig, presets, ["--preset", "quick", "--config", str(cfg_file), "--max-steps", "20"])
+    assert (cfg.max_steps, cfg.seed, cfg.mixed_precision) == (20, 5, "bf16")
+
+    save_config(cfg, tmp_path / "out" / "config.json")
+    again = parse_config(RunConfig, None, ["--config", str(tmp_path / "out" / "config.json")])
+    assert again == cfg
+
+
+def test_cli_refuses_unknown_fields_and_presets(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"max_stepz": 3}))
+    with pytest.raises(ConfigError, match="max_stepz"):
+        parse_config(RunConfig, None, ["--config", str(bad)])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        parse_config(RunConfig, {"a": RunConfig()}, ["--preset", "b"])
