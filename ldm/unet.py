@@ -1,0 +1,157 @@
+"""The stage-3 denoiser: a diffusers ``UNet2DConditionModel`` built from a typed preset.
+
+The network knows nothing about noise schedules: it maps (noisy latents [B, C, h, w], integer
+timesteps [B], text hidden states [B, L, D]) to a prediction [B, C, h, w]; what that prediction
+means (epsilon or v) is decided by ``ldm.objective``. We use the diffusers class unchanged so a
+saved ``unet/`` folder loads in stock ``StableDiffusionPipeline``.
+
+Attention runs through PyTorch's ``scaled_dot_product_attention``: diffusers' ``Attention`` picks
+``AttnProcessor2_0`` by default whenever ``F.scaled_dot_product_attention`` exists
+(``diffusers/models/attention_processor.py``); ``build_unet`` checks that it did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from ldm.objective import Denoiser
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Shape of the latent UNet. The text width and latent channels come from the other stages."""
+
+    # Channels per resolution level; each level after the first halves the spatial size.
+    block_out_channels: tuple[int, ...] = (32, 64)
+    # Which levels get transformer blocks (self-attention + cross-attention to the text).
+    # The mid block always has one; levels without attention are plain ResNet blocks.
+    attention_levels: tuple[bool, ...] = (True, True)
+    layers_per_block: int = 1
+    # Number of attention heads per transformer block. diffusers passes this through its
+    # historically misnamed ``attention_head_dim`` argument (diffusers issue #2011): SD 1.5's
+    # "attention_head_dim": 8 means 8 heads, not 8 channels per head.
+    num_heads: int = 4
+    transformer_layers_per_block: int = 1
+    # SD 2.x uses Linear instead of 1x1 Conv for the transformer in/out projections; same maths.
+    use_linear_projection: bool = False
+    norm_num_groups: int = 32
+    # Nominal latent side (only informs diffusers' default height/width); set it to
+    # image_size / autoencoder factor.
+    sample_size: int = 16
+
+    def __post_init__(self) -> None:
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ValueError(
+                f"UNetConfig: attention_levels has {len(self.attention_levels)} entries but "
+                f"block_out_channels has {len(self.block_out_channels)}; give one flag per level."
+            )
+        for ch in self.block_out_channels:
+            if ch % self.norm_num_groups:
+                raise ValueError(
+                    f"UNetConfig: block_out_channels {self.block_out_channels} must all be divisible "
+                    f"by norm_num_groups={self.norm_num_groups} (GroupNorm)."
+                )
+            if ch % self.num_heads:
+                raise ValueError(
+                    f"UNetConfig: channels {ch} not divisible by num_heads={self.num_heads}."
+                )
+
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # Unit tests: ~0.2 M parameters, milliseconds per call on a CPU.
+    "tiny": UNetConfig(
+        block_out_channels=(16, 32),
+        attention_levels=(False, True),
+        layers_per_block=1,
+        num_heads=2,
+        norm_num_groups=8,
+        sample_size=8,
+    ),
+    # The CPU demo: 64 px images through an f4 autoencoder -> 16x16x4 latents.
+    # Resolutions 16 -> 8 -> 4; attention only at 8x8 and 4x4 (and the 4x4 mid block), where
+    # the token count is small (64 and 16). See benchmarks/unet_speed numbers in the report:
+    # full attention at 16x16 cost ~1.5x the step time for little gain at this data size.
+    "small": UNetConfig(
+        block_out_channels=(64, 128, 128),
+        attention_levels=(False, True, True),
+        layers_per_block=1,
+        num_heads=4,
+        norm_num_groups=32,
+        sample_size=16,
+    ),
+    # Stable Diffusion 1.5's UNet (860 M parameters with cross_attention_dim=768).
+    "sd15": UNetConfig(
+        block_out_channels=(320, 640, 1280, 1280),
+        attention_levels=(True, True, True, False),
+        layers_per_block=2,
+        num_heads=8,
+        norm_num_groups=32,
+        sample_size=64,
+    ),
+}
+
+
+def unet_kwargs(cfg: UNetConfig, cross_attention_dim: int, latent_channels: int = 4) -> dict:
+    """The ``UNet2DConditionModel`` constructor arguments for ``cfg`` (also stored in manifests)."""
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
+    return dict(
+        sample_size=cfg.sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=down,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=up,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.num_heads,
+        transformer_layers_per_block=cfg.transformer_layers_per_block,
+        use_linear_projection=cfg.use_linear_projection,
+        norm_num_groups=cfg.norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+    )
+
+
+def build_unet(
+    cfg: UNetConfig | str, cross_attention_dim: int, latent_channels: int = 4
+) -> UNet2DConditionModel:
+    """A freshly initialised UNet whose cross-attention width matches the text encoder's hidden size.
+
+    ``cfg`` is a ``UNetConfig`` or the name of a preset in ``UNET_PRESETS``.
+    """
+    if isinstance(cfg, str):
+        if cfg not in UNET_PRESETS:
+            raise ValueError(f"unknown UNet preset {cfg!r}; choose one of {sorted(UNET_PRESETS)}")
+        cfg = UNET_PRESETS[cfg]
+    if cross_attention_dim <= 0 or latent_channels <= 0:
+        raise ValueError(
+            f"build_unet: cross_attention_dim ({cross_attention_dim}) and latent_channels "
+            f"({latent_channels}) must be positive; take them from the text encoder and autoencoder."
+        )
+    unet = UNet2DConditionModel(**unet_kwargs(cfg, cross_attention_dim, latent_channels))
+    _check_sdpa(unet)
+    return unet
+
+
+def _check_sdpa(unet: UNet2DConditionModel) -> None:
+    """Fail loudly if diffusers fell back to its slow, memory-hungry matmul attention."""
+    slow = sorted({type(p).__name__ for p in unet.attn_processors.values()} - {AttnProcessor2_0.__name__})
+    if slow:
+        raise RuntimeError(
+            f"UNet attention uses {slow} instead of AttnProcessor2_0 (PyTorch SDPA); "
+            "this torch build lacks torch.nn.functional.scaled_dot_product_attention."
+        )
+
+
+
+def unet_denoiser(model: torch.nn.Module) -> Denoiser:
+    """Adapt a UNet2DConditionModel (bare, DDP- or accelerate-wrapped) to the ``Denoiser`` call."""
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return model(x_t, t, encoder_hidden_states=hidden, return_dict=False)[0]
+
+    return denoise
