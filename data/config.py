@@ -1,0 +1,104 @@
+"""The data layer's one config: where the images come from and how they become training samples."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+
+class DataConfigError(ValueError):
+    """A data config or `--data` spec that cannot work; the message says what to change."""
+
+
+# PIL format names we open. Anything else (EPS runs Ghostscript, PSD/ICO/... are rarely training
+# data) is refused before a decoder is chosen.
+DEFAULT_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+# File name extensions that mark an image in a folder or a shard member, in order of preference when
+# one shard sample carries several.
+DEFAULT_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Captioned images in, one sample format out. `source` is the `--data` spec (see data/spec.py)."""
+
+    source: str = ""
+    """The --data spec: a folder, a save_to_disk folder, parquet/arrow files, hf:NAME, or shards."""
+    resolution: int = 256
+    """Side of the square training image, in pixels."""
+    crop: Literal["center", "random"] = "random"
+    """Where to cut the square after resizing the shorter side to `resolution`."""
+    flip: bool = False
+    """Mirror half of the images horizontally (off by default: text in images gets mirrored too)."""
+
+    image_column: str = "image"
+    """Image column of a `datasets` dataset (Image feature or bytes)."""
+    caption_column: str = "text"
+    """Caption column of a `datasets` dataset or folder metadata file, and the .json field of a shard sample without .txt."""
+    key_column: str | None = None
+    """Column holding a unique sample key in a `datasets` dataset; default: the row index."""
+    split: str = "train"
+    """Split to read from a DatasetDict or a hub dataset."""
+    cache_dir: str | None = None
+    """Where `datasets` caches parquet and hub data as arrow; default: the datasets cache."""
+
+    missing_caption: Literal["skip", "empty"] = "skip"
+    """An image without any caption is skipped (and counted), or trained on as unconditional."""
+    max_image_pixels: int = 64_000_000
+    """Images declaring more pixels than this are refused before decoding (decompression bombs)."""
+    min_image_side: int = 16
+    """Images with a shorter side below this are skipped as too small."""
+    max_aspect_ratio: float = 10.0
+    """Images longer than this many times their width (or the reverse) are skipped."""
+    background: tuple[int, int, int] = (255, 255, 255)
+    """RGB colour that transparent pixels are composited onto."""
+    image_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
+    """PIL format names that may be opened; others are refused unopened."""
+    image_extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
+    """File or shard member extensions that are treated as images."""
+    jpeg_draft: bool = True
+    """Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers `resolution`."""
+
+    max_bad_fraction: float = 0.05
+    """Abort when more than this fraction of the samples seen by a process were unusable..."""
+    bad_fraction_min_seen: int = 500
+    """...once at least this many samples were seen (a few bad ones early are no verdict)."""
+    shuffle_block: int = 256
+    """Shard samples are read in blocks of this many and shuffled within the block (1 = shard order)."""
+    allow_pipe_urls: bool = False
+    """Allow `pipe:` shard URLs. They run a shell command, so only for specs you wrote yourself."""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise DataConfigError("Invalid data config: " + "; ".join(problems) + ".")
+
+    def problems(self) -> list[str]:
+        """Every field that is out of range, as a sentence fragment that says what is allowed."""
+        out = []
+        if self.resolution < 8:
+            out.append(f"resolution={self.resolution} must be at least 8")
+        if self.crop not in ("center", "random"):
+            out.append(f"crop={self.crop!r} must be 'center' or 'random'")
+        if self.missing_caption not in ("skip", "empty"):
+            out.append(f"missing_caption={self.missing_caption!r} must be 'skip' or 'empty'")
+        if self.max_image_pixels < 1:
+            out.append("max_image_pixels must be positive")
+        if self.max_aspect_ratio < 1.0:
+            out.append(f"max_aspect_ratio={self.max_aspect_ratio} must be at least 1")
+        if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
+            out.append(f"background={self.background} must be three integers in 0..255")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            out.append(f"max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+        if self.bad_fraction_min_seen < 1:
+            out.append("bad_fraction_min_seen must be at least 1")
+        if self.shuffle_block < 1:
+            out.append("shuffle_block must be at least 1")
+        if not self.image_formats or not self.image_extensions:
+            out.append("image_formats and image_extensions must not be empty")
+        return out
+
+    def replace(self, **changes: object) -> DataConfig:
+        return dataclasses.replace(self, **changes)

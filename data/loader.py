@@ -1,0 +1,226 @@
+"""`build_loader` (endless, resumable training batches) and `iterate_once` (one deterministic pass).
+
+We shard by rank ourselves instead of letting accelerate.prepare() wrap the DataLoader, so that the
+position is ours to save: `state_dict()` is small JSON, one per rank. A checkpoint must keep every
+rank's state (gather them, e.g. with accelerate.utils.gather_object); `load_state_dict` accepts that
+list and picks its own rank's entry.
+
+Batches are always full: a bad sample is counted and the next one drawn. Because the stream is
+endless, every rank runs exactly as many steps as the training loop asks for, however uneven the
+shards or the bad samples are.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from data.bad_samples import BadSampleTally
+from data.config import DataConfig, DataConfigError
+from data.hf_datasets import HFDatasetSource
+from data.imagefolder import ImageFolderSource
+from data.spec import SourceSpec, parse_source_spec
+from data.stream import IndexStream, MapSource, ShardPlan, ShardStream, collate
+
+logger = logging.getLogger("data")
+
+STATE_VERSION = 1
+# Consecutive end-of-unit markers without a single sample after which shards are declared empty.
+EMPTY_UNITS_LIMIT = 10_000
+
+
+def open_map_source(spec: SourceSpec, cfg: DataConfig) -> MapSource:
+    """Image folders and `datasets` datasets: random access by index."""
+    if spec.kind == "imagefolder":
+        return ImageFolderSource(spec.locations[0], cfg)
+    return HFDatasetSource(spec, cfg)
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+class CaptionedLoader:
+    """An iterator of collated batches for one rank, with an exact, JSON-ready resume position.
+
+    Batches: {"pixel_values": float32 [B, 3, H, W] in [-1, 1], "captions": list[str],
+    "keys": list[str], "original_sizes": long [B, 2] (H, W before resizing)}.
+    """
+
+    def __init__(self, cfg: DataConfig, *, batch_size: int, seed: int, rank: int, world_size: int,
+                 num_workers: int, endless: bool) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
+            raise DataConfigError(
+                f"Loader needs batch_size >= 1, 0 <= rank < world_size and num_workers >= 0; got "
+                f"batch_size={batch_size}, rank={rank}, world_size={world_size}, num_workers={num_workers}."
+            )
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.rank, self.world_size, self.num_workers, self.endless = rank, world_size, num_workers, endless
+        self.spec = parse_source_spec(cfg.source, allow_pipe_urls=cfg.allow_pipe_urls)
+        self.tally = BadSampleTally(cfg.source, cfg.max_bad_fraction, cfg.bad_fraction_min_seen, rank)
+        self.batches = 0
+        self._iterator: Any = None
+        self._empty_run = 0
+        if self.spec.kind == "webdataset":
+            self.source: MapSource | None = None
+            lanes = max(1, num_workers)
+            self.plan = ShardPlan.make(self.spec.locations, world_size, lanes)
+            self.position: Any = {"lanes": [[0, 0, 0, 0] for _ in range(lanes)], "next_lane": 0}
+        else:
+            self.source = open_map_source(self.spec, cfg)
+            if len(self.source) < world_size:
+                raise DataConfigError(
+                    f"--data {cfg.source!r} has {len(self.source)} samples, fewer than the {world_size} processes."
+                )
+            self.position = 0
+
+    # ----- iteration -------------------------------------------------------------------------------
+
+    def __iter__(self) -> CaptionedLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._iterator is None:
+            self._iterator = iter(self._dataloader())
+        samples: list[dict[str, Any]] = []
+        while len(samples) < self.batch_size:
+            item = next(self._iterator, None)
+            if item is None:  # only a finite pass ends; its last batch may be short
+                if samples:
+                    break
+                raise StopIteration
+            self._advance(item)
+            if "sample" in item:
+                self.tally.good()
+                samples.append(item["sample"])
+                self._empty_run = 0
+            elif "bad" in item:
+                self.tally.bad(*item["bad"], key=item["key"], origin=item["origin"])
+                self._empty_run = 0
+            else:
+                self._count_empty_unit()
+        self.batches += 1
+        return collate(samples)
+
+    def _advance(self, item: dict[str, Any]) -> None:
+        if self.source is not None:
+            self.position = item["position"]
+        else:
+            lanes = self.position["lanes"]
+            lanes[item["lane"]] = item["position"]
+            self.position["next_lane"] = (item["lane"] + 1) % len(lanes)
+
+    def _count_empty_unit(self) -> None:
+        self._empty_run += 1
+        if self._empty_run > EMPTY_UNITS_LIMIT:
+            raise DataConfigError(f"--data {self.cfg.source!r}: the shards hold no readable samples.")
+
+    def _dataloader(self) -> DataLoader:
+        if self.source is not None:
+            stream: Any = IndexStream(self.source, self.cfg, self.seed, self.rank, self.world_size,
+                                      start=self.position, endless=self.endless)
+            workers = self.num_workers
+        else:
+            lanes = self.position["lanes"]
+            stream = ShardStream(self.plan, self.cfg, self.seed, self.rank, self.world_size,
+                                 positions=[list(p) for p in lanes], next_lane=self.position["next_lane"],
+                                 endless=self.endless)
+            workers = _workers_dividing(len(lanes), self.num_workers)
+        return DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_identity,
+                          prefetch_factor=4 if workers else None)
+
+    # ----- state -----------------------------------------------------------------------------------
+
+    @property
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Unusable samples this process skipped so far, by reason."""
+        return dict(self.tally.counts)
+
+    @property
+    def samples_seen(self) -> int:
+        return self.tally.seen
+
+    @property
+    def epoch(self) -> int:
+        """The epoch being read (for shards: the oldest epoch any lane is still in)."""
+        if self.source is not None:
+            return self.position // (len(self.source) // self.world_size) if self.endless else 0
+        return min(lane[0] for lane in self.position["lanes"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION, "source": self.cfg.source, "seed": self.seed, "rank": self.rank,
+            "world_size": self.world_size, "endless": self.endless, "batches": self.batches,
+            "position": _json_copy(self.position), "bad_samples": self.tally.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Restore this rank's position; `state` is its own dict or the list of all ranks' dicts."""
+        if isinstance(state, list):
+            mine = [s for s in state if s.get("rank") == self.rank]
+            if len(mine) != 1:
+                raise DataConfigError(f"The saved data states hold no single entry for rank {self.rank}.")
+            state = mine[0]
+        self._check_state(state)
+        self.close()
+        self.position = _json_copy(state["position"])
+        self.batches = int(state["batches"])
+        self.tally.load_state_dict(state["bad_samples"])
+        if self.source is None:
+            lanes = len(self.position["lanes"])
+            self.plan = ShardPlan.make(self.spec.locations, self.world_size, lanes)
+            if _workers_dividing(lanes, self.num_workers) != self.num_workers:
+                logger.warning(
+                    "Resuming shards read by %d lanes with num_workers=%d: using %d workers so that the "
+                    "sample order stays exactly the same.", lanes, self.num_workers,
+                    _workers_dividing(lanes, self.num_workers),
+                )
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataConfigError(f"Saved data state has version {state.get('version')}, expected {STATE_VERSION}.")
+        current = {"source": self.cfg.source, "seed": self.seed, "world_size": self.world_size,
+                   "rank": self.rank, "endless": self.endless}
+        for name, value in current.items():
+            if state.get(name) != value:
+                raise DataConfigError(
+                    f"Cannot resume the data position: it was saved with {name}={state.get(name)!r}, this run "
+                    f"has {name}={value!r}. Resume with the same --data source, seed and number of processes."
+                )
+
+    def close(self) -> None:
+        """Stop the worker processes (a new iteration starts fresh ones at the current position)."""
+        self._iterator = None
+
+
+def _workers_dividing(lanes: int, num_workers: int) -> int:
+    """The largest worker count <= num_workers that divides the lane count (0 stays 0)."""
+    if num_workers == 0:
+        return 0
+    return max(k for k in range(1, min(lanes, num_workers) + 1) if lanes % k == 0)
+
+
+def _json_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_copy(v) for v in value]
+    return value
+
+
+def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0) -> CaptionedLoader:
+    """An endless, resumable stream of training batches for process `rank` of `world_size`."""
+    return CaptionedLoader(cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                           num_workers=num_workers, endless=True)
+
+
+def iterate_once(cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0) -> CaptionedLoader:
+    """One finite pass over this rank's share (centre crop, no flip, stored order), e.g. for latent
+    statistics or validation. Ranks' shares may differ by a few samples, and the last batch may be
+    short: reduce across ranks after the pass, not per batch."""
+    return CaptionedLoader(cfg, batch_size=batch_size, seed=0, rank=rank, world_size=world_size,
+                           num_workers=num_workers, endless=False)
