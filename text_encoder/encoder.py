@@ -1,0 +1,228 @@
+"""``FrozenTextEncoder``: prompts in, the exact conditioning a stock diffusers pipeline computes out.
+
+``encode`` repeats what ``StableDiffusionPipeline.encode_prompt`` does (diffusers 0.42)::
+
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True).input_ids
+    mask = attention_mask if text_encoder.config.use_attention_mask else None
+    hidden = text_encoder(ids, attention_mask=mask)[0]                      # [B, L, D]
+
+and ``export_transformers`` writes the very model and tokenizer that ran here, so a pipeline saved
+in diffusers layout reproduces the conditioning of training bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from text_encoder.backend import LoadedEncoder
+from text_encoder.fingerprint import sha256_of_config, sha256_of_state_dict, sha256_of_token_ids
+from text_encoder.spec import TextEncoderConfig, parse_spec
+
+logger = logging.getLogger(__name__)
+
+# Prompts whose token ids identify a tokenizer's behaviour (case, punctuation, unicode, truncation).
+_TOKENIZER_PROBES = ("", "a photo of a cat", "Two DOGS, playing in the snow at 5 pm!", "naïve café 日本語 🐱", "long " * 600)
+
+
+@dataclass
+class TextEmbeddings:
+    """The conditioning for a batch of prompts, on the encoder's device and dtype."""
+
+    hidden: torch.Tensor  # [B, L, D] what the UNet cross-attends to (L = max_length, padding included)
+    mask: torch.Tensor  # [B, L] long, 1 = prompt token (specials included), 0 = padding
+    pooled: torch.Tensor | None  # [B, D] one vector per prompt (see FrozenTextEncoder.encode)
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+
+class FrozenTextEncoder:
+    """A pretrained text encoder that never trains: eval mode, no gradients, fixed prompt length.
+
+    Deliberately not an ``nn.Module``: a parent module's ``.train()``, ``.parameters()`` or
+    ``state_dict()`` can never reach it, so it cannot be switched to dropout, handed to an
+    optimizer, or saved into a UNet checkpoint by accident.
+    """
+
+    def __init__(self, config: TextEncoderConfig, loaded: LoadedEncoder) -> None:
+        self.config = config
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.max_length = loaded.max_length
+        self.batch_size = config.batch_size
+        self._loaded = loaded
+        self._weights_sha256: str | None = None  # computed on first use, reset by a dtype change
+        self.num_prompts = 0  # prompts encoded so far
+        self.num_truncated = 0  # of those, how many were longer than max_length and cut
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().embedding_dim)
+
+    @property
+    def uses_attention_mask(self) -> bool:
+        """Whether the model sees the padding mask; the diffusers flag ``config.use_attention_mask``."""
+        return bool(getattr(self.model.config, "use_attention_mask", False))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FrozenTextEncoder:
+        self.model.to(device=device, dtype=dtype)
+        if dtype is not None:
+            self._weights_sha256 = None  # a lossy cast changes the weights' values
+        return self
+
+    def encode(self, prompts: list[str]) -> TextEmbeddings:
+        """Encode ``prompts`` in chunks of ``batch_size``; over-long prompts are cut and counted.
+
+        ``pooled`` is CLIP's own sentence vector for CLIP models (the end-of-text token after the final
+        layer norm, ``CLIPTextModel.pooler_output``, without any projection) and the mask-weighted mean
+        of ``hidden`` over prompt tokens for every other encoder.
+        """
+        _check_prompts(prompts)
+        if self.model.training:
+            raise RuntimeError("the frozen text encoder's model was put in training mode; call .model.eval()")
+        chunks = [self._encode_chunk(prompts[i : i + self.batch_size]) for i in range(0, len(prompts), self.batch_size)]
+        if not chunks:
+            empty = torch.zeros(0, self.max_length, self.hidden_size, device=self.device, dtype=self.dtype)
+            mask = torch.zeros(0, self.max_length, dtype=torch.long, device=self.device)
+            return TextEmbeddings(empty, mask, empty[:, 0])
+        return TextEmbeddings(
+            hidden=torch.cat([c.hidden for c in chunks]),
+            mask=torch.cat([c.mask for c in chunks]),
+            pooled=torch.cat([c.pooled for c in chunks]),
+        )
+
+    def _encode_chunk(self, prompts: list[str]) -> TextEmbeddings:
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        self._count_truncations(prompts)
+        ids = tokens["input_ids"].to(self.device)  # [B, L]
+        mask = tokens["attention_mask"].to(self.device)  # [B, L]
+        # no_grad rather than inference_mode: the outputs feed a trained UNet's autograd graph.
+        with torch.no_grad():
+            out = self.model(ids, attention_mask=mask if self.uses_attention_mask else None)
+        hidden = out[0]  # [B, L, D]
+        if self.model.config.model_type == "clip_text_model":
+            pooled = out.pooler_output  # [B, D]
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, D]
+        return TextEmbeddings(hidden=hidden, mask=mask, pooled=pooled)
+
+    def _count_truncations(self, prompts: list[str]) -> None:
+        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
+        cut = sum(n > self.max_length for n in lengths)
+        if cut and not self.num_truncated:
+            logger.warning(
+                "prompts longer than %d tokens are truncated (counted in FrozenTextEncoder.num_truncated)",
+                self.max_length,
+            )
+        self.num_prompts += len(prompts)
+        self.num_truncated += cut
+
+    def null_embedding(self) -> TextEmbeddings:
+        """The unconditional input for classifier-free guidance, for one prompt ([1, L, D]).
+
+        ``null=empty`` (default): the embedding of the empty prompt "", as diffusers uses for its
+        negative prompt. ``null=zeros``: all-zero hidden and pooled vectors (mask of "" kept).
+        Not counted in ``num_prompts``.
+        """
+        counts = (self.num_prompts, self.num_truncated)
+        empty = self.encode([""])
+        self.num_prompts, self.num_truncated = counts
+        if self.config.null == "zeros":
+            return TextEmbeddings(torch.zeros_like(empty.hidden), empty.mask, torch.zeros_like(empty.pooled))
+        return empty
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """JSON-ready identity; compare with ``check_fingerprint`` (see ``fingerprint.INFORMATIONAL_FIELDS``)."""
+        if self._weights_sha256 is None:  # hashing gigabytes once is enough
+            self._weights_sha256 = sha256_of_state_dict(self.model.state_dict())
+        probe = self.tokenizer(
+            list(_TOKENIZER_PROBES), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        return {
+            "backend": self.config.backend,
+            "source": self._loaded.source,
+            "revision": self._loaded.revision,
+            "layer": self.config.layer,
+            "architecture": type(self.model).__name__,
+            "weights_sha256": self._weights_sha256,
+            "config_sha256": sha256_of_config(self.model.config.to_dict()),
+            "tokenizer_sha256": sha256_of_token_ids(probe["input_ids"]),
+            "max_length": self.max_length,
+            "hidden_size": self.hidden_size,
+            "attention_mask": self.uses_attention_mask,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "null": self.config.null,
+        }
+
+    def export_transformers(self, out_dir: str | Path) -> Path:
+        """Write ``out_dir/text_encoder/`` and ``out_dir/tokenizer/`` that stock diffusers loads as is."""
+        out = Path(out_dir)
+        self.model.save_pretrained(out / "text_encoder")
+        self.tokenizer.save_pretrained(out / "tokenizer")  # model_max_length == self.max_length
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"FrozenTextEncoder({self.config.to_spec()!r}, {type(self.model).__name__}, L={self.max_length}, "
+            f"D={self.hidden_size}, {self.dtype}, {self.device})"
+        )
+
+
+def _check_prompts(prompts: list[str]) -> None:
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"encode() takes a list of prompts, not {type(prompts).__name__}")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}")
+
+
+def load_text_encoder(
+    spec: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    **options: Any,
+) -> FrozenTextEncoder:
+    """Load the frozen encoder a ``--text-encoder`` spec names (syntax: ``text_encoder.spec``).
+
+    ``options`` are the spec's keys as keywords (``layer=``, ``max_length=``, ``revision=``, ``null=``,
+    ``allow_pickle=``, ``batch_size=``); giving one both ways is an error.
+    """
+    config = parse_spec(spec, **options)
+    dtype = _as_dtype(dtype)
+    if config.backend == "openclip":
+        from text_encoder.openclip_backend import load_openclip
+
+        loaded = load_openclip(config, device, dtype)
+    else:
+        from text_encoder.hf_backend import load_hf
+
+        loaded = load_hf(config, device, dtype)
+    return FrozenTextEncoder(config, loaded)
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
