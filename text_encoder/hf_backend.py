@@ -83,6 +83,8 @@ def resolve_folder(name: str, revision: str | None, allow_pickle: bool) -> tuple
         if revision is not None:
             raise ValueError(f"revision={revision} only applies to Hub names, but hf:{name} is a local folder")
         return path, None
+    if "@" in name:
+        raise ValueError(f"hf:{name} is not a local folder; to pin a Hub revision write ?revision=REV, not @")
     return _snapshot_from_hub(name, revision, allow_pickle)
 
 
