@@ -56,7 +56,9 @@ class RunConfig:
     """A rank that hangs longer than this in a collective ends the run."""
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     max_train_minutes: float = 0.0
-    """Stop (checkpoint + final export) after this much wall time; 0 means no limit."""
+    """Stop (checkpoint + final export) after this much training time in total; 0 means no limit."""
+    crash_after_step: int = 0
+    """Fault injection for resume tests: rank 0 SIGKILLs itself right after this step (0: never)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +73,9 @@ def setup_accelerator(run: RunConfig):
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=run.mixed_precision,
-        gradient_accumulation_steps=run.grad_accum_steps,
+        # Accumulation is done by the training step itself (no_sync on all but the last micro-batch),
+        # so accelerate's own micro-step counter never has to be checkpointed.
+        gradient_accumulation_steps=1,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=run.process_group_timeout_s))],
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -236,6 +240,49 @@ class GradScalerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# run life cycle
+
+FINISHED_MARKER = "finished.json"
+
+
+def mark_finished(folder: Path, step: int, train_seconds: int) -> None:
+    """Written last into a run's exported model: its presence means the export is complete."""
+    _atomic_json(Path(folder) / FINISHED_MARKER, {"step": step, "train_seconds": train_seconds})
+
+
+def run_finished(folder: Path, run: RunConfig) -> bool:
+    """True when ``folder`` holds a complete export that satisfies ``run``'s step or time budget.
+
+    Rerunning with a larger ``max_steps`` or ``max_train_minutes`` is not finished: it resumes.
+    """
+    marker = Path(folder) / FINISHED_MARKER
+    if not marker.is_file():
+        return False
+    done = json.loads(marker.read_text(encoding="utf-8"))
+    if done["step"] >= run.max_steps:
+        return True
+    return run.max_train_minutes > 0 and done["train_seconds"] >= run.max_train_minutes * 60
+
+
+def out_of_time(run: RunConfig, train_seconds: float) -> bool:
+    return run.max_train_minutes > 0 and train_seconds >= run.max_train_minutes * 60
+
+
+def maybe_crash(run: RunConfig, step: int, accelerator) -> None:
+    if run.crash_after_step and step == run.crash_after_step and accelerator.is_main_process:
+        import os
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""The pieces of stage-1 training that would crowd train_vae.py: one optimizer step, validation,
+log reduction, and the final export with latent statistics."""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoencoder import TrainableAutoencoder
+from autoencoder.folder import save_autoencoder
+from autoencoder.latents import LatentStatistics, fold_latent_statistics
+from autoencoder.metrics import reconstruction_metrics
+from data import iterate_once
+from launch.pictures import plot_curves, reconstruction_grid
+from launch.runtime import EMA, RunConfig, StepGuard, mark_finished, read_metrics
+
+
+def train_step(acc, model, disc, loss_fn, opt_g, opt_d, micro_batches: list[torch.Tensor], step: int,
+               generator: torch.Generator, run: RunConfig, guard: StepGuard) -> tuple[dict[str, torch.Tensor], bool, bool]:
+    """One optimizer step of the autoencoder (and the discriminator once the GAN is on).
+
+    Gradients are accumulated over ``micro_batches`` with DDP's sync only on the last one.
+    Returns (detached logs, step applied, stop requested) — identical on every rank.
+    """
+    raw = acc.unwrap_model(model)
+    gan_on = loss_fn.discriminator_active(step)
+    n = len(micro_batches)
+    logs: dict[str, torch.Tensor] = {}
+    recons = []
+    for i, x in enumerate(micro_batches):
+        with acc.no_sync(model) if i < n - 1 else nullcontext():
+            out = model(x, generator=generator)
+            loss, step_logs = loss_fn.generator_loss(x, out.reconstruction, out.posterior, out.output_logvar, step,
+                                                     raw.last_layer() if gan_on else None, disc if gan_on else None)
+            acc.backward(loss / n)
+        recons.append(out.reconstruction.detach())
+        _add(logs, step_logs, 1 / n)
+    norm = acc.clip_grad_norm_(model.parameters(), run.max_grad_norm or math.inf)
+    if gan_on:
+        for i, (x, r) in enumerate(zip(micro_batches, recons)):
+            with acc.no_sync(disc) if i < n - 1 else nullcontext():
+                loss_d, d_logs = loss_fn.discriminator_loss(x, r, step, disc)
+                acc.backward(loss_d / n)
+            _add(logs, d_logs, 1 / n)
+        norm = norm + acc.clip_grad_norm_(disc.parameters(), run.max_grad_norm or math.inf)  # NaN/inf propagate
+    applied, stop = guard.check(norm, step)
+    if applied:
+        opt_g.step()
+        if gan_on:
+            opt_d.step()
+    opt_g.zero_grad(set_to_none=True)
+    opt_d.zero_grad(set_to_none=True)
+    logs["grad_norm"] = norm.detach().float()
+    return logs, applied, stop
+
+
+def _add(into: dict[str, torch.Tensor], logs: dict[str, torch.Tensor], scale: float) -> None:
+    for k, v in logs.items():
+        into[k] = into.get(k, 0) + v * scale
+
+
+def accumulate(sums: dict[str, torch.Tensor], logs: dict[str, torch.Tensor]) -> None:
+    """Sum logs on the device between log intervals (no host sync per step)."""
+    _add(sums, logs, 1.0)
+    sums["_count"] = sums.get("_count", 0) + 1
+
+
+def reduce_logs(acc, sums: dict[str, torch.Tensor], **extra: float) -> dict[str, float]:
+    """Mean over steps since the last call and over processes; clears ``sums``."""
+    count = sums.pop("_count", 0)
+    if not count:
+        return dict(extra)
+    keys = sorted(sums)
+    stacked = torch.stack([torch.as_tensor(sums[k], device=acc.device, dtype=torch.float32) for k in keys])
+    stacked = acc.reduce(stacked, reduction="mean") / count
+    sums.clear()
+    return {**dict(zip(keys, stacked.tolist())), **extra}
+
+
+class Validator:
+    """PSNR / SSIM of the EMA weights on a fixed held-out set, plus a reconstruction grid (rank 0)."""
+
+    def __init__(self, cfg, acc, out: Path):
+        self.acc = acc
+        self.out = out
+        self.images: torch.Tensor | None = None
+        if acc.is_main_process:
+            data = cfg.data.replace(source=cfg.val_data)
+            batches, n = [], 0
+            for batch in iterate_once(data, batch_size=64):
+                batches.append(batch["pixel_values"])
+                n += len(batch["pixel_values"])
+                if n >= cfg.val_samples:
+                    break
+            if not batches:
+                raise SystemExit(f"--val-data {cfg.val_data}: no usable images found")
+            self.images = torch.cat(batches)[: cfg.val_samples]
+        self.eval_model: TrainableAutoencoder | None = None
+
+    @torch.no_grad()
+    def run(self, model, ema: EMA | None, step: int) -> dict[str, float]:
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return {}
+        raw = self.acc.unwrap_model(model)
+        if self.eval_model is None:
+            self.eval_model = copy.deepcopy(raw).eval()
+        self.eval_model.load_state_dict(raw.state_dict())
+        if ema is not None:
+            ema.copy_to(self.eval_model)
+        scores: dict[str, list[torch.Tensor]] = {}
+        recons = []
+        for chunk in self.images.split(64):
+            x = chunk.to(self.acc.device)
+            recon = self.eval_model(x, sample_posterior=False).reconstruction.clamp(-1, 1)
+            recons.append(recon[:8].cpu())
+            for k, v in reconstruction_metrics(recon, x).items():
+                scores.setdefault(k, []).append(v.float().cpu())
+        grid = reconstruction_grid(self.images[:8], torch.cat(recons)[:8])
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        grid.save(self.out / "samples" / f"reconstructions_{step:07d}.png")
+        grid.save(self.out / "reconstructions.png")
+        return {k: torch.cat(v).mean().item() for k, v in scores.items()}
+
+
+@torch.no_grad()
+def measure_latent_statistics(cfg, acc, vae, max_samples: int) -> LatentStatistics:
+    """Per-channel latent mean/std over the training data, summed across all processes."""
+    stats = LatentStatistics(vae.config.latent_channels, device=acc.device)
+    generator = torch.Generator(acc.device).manual_seed(acc.process_index)  # posterior samples (see latents.py)
+    per_rank = math.ceil(max_samples / acc.num_processes) if max_samples else None
+    seen = 0
+    data = cfg.data.replace(crop="center", flip=False)
+    for batch in iterate_once(data, batch_size=64, rank=acc.process_index, world_size=acc.num_processes):
+        x = batch["pixel_values"].to(acc.device)
+        stats.update_from_posterior(vae.encode(x).latent_dist, generator=generator)
+        seen += len(x)
+        if per_rank and seen >= per_rank:
+            break
+    totals = acc.reduce(stats.as_tensor(), reduction="sum")
+    return LatentStatistics.from_tensor(totals.cpu())
+
+
+def export(cfg, acc, model, ema: EMA | None, out: Path, step: int, train_seconds: int) -> Path:
+    """EMA weights -> latent statistics (all ranks) -> folded, saved ``out/model`` (rank 0)."""
+    raw = acc.unwrap_model(model)
+    final = copy.deepcopy(raw).eval()
+    if ema is not None:
+        ema.copy_to(final)
+    stats = measure_latent_statistics(cfg, acc, final.vae, cfg.stats_samples)
+    model_dir = out / "model"
+    if acc.is_main_process:
+        contract = fold_latent_statistics(final.vae, stats, cfg.model)
+        save_autoencoder(final.vae, contract, model_dir, overwrite=True)
+        mark_finished(model_dir, step, train_seconds)
+        acc.print(f"latent mean {[round(v, 3) for v in stats.mean().tolist()]}, "
+                  f"std {[round(v, 3) for v in stats.std().tolist()]} (folded into the saved model)")
+        acc.print(f"saved {model_dir}")
+    acc.wait_for_everyone()
+    return model_dir
+
+
+def plot(out: Path) -> None:
+    records = read_metrics(out / "metrics.jsonl")
+    plot_curves(records, ["loss", "reconstruction", "kl", "grad_norm"], out / "loss_curves.png", "autoencoder: training", kind="train")
+    plot_curves(records, ["psnr", "ssim"], out / "val_curves.png", "autoencoder: validation (EMA)", kind="val")
+
+
+def micro_batches(loader_iter, n: int, device) -> list[torch.Tensor]:
+    return [next(loader_iter)["pixel_values"].to(device, non_blocking=True) for _ in range(n)]
+
+
+def describe(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float))
