@@ -83,11 +83,21 @@ def make_sample(record: RawRecord, cfg: DataConfig, draws: SampleDraws, *, augme
     # The caption first: a sample skipped for its caption costs no image decode.
     caption = resolve_caption(record.caption, missing=cfg.missing_caption, choice=draws.caption)
     img, original_size = decode_record(record, cfg, draft_min_side=cfg.resolution if cfg.jpeg_draft else None)
+    original_size = stored_original_size(record) or original_size
     random_crop = augment and cfg.crop == "random"
     img = resize_crop(img, cfg.resolution, draws.crop_x if random_crop else 0.5, draws.crop_y if random_crop else 0.5)
     if augment and cfg.flip and draws.flip < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return {"image": to_tensor(img), "caption": caption, "key": record.key, "original_size": original_size}
+
+
+def stored_original_size(record: RawRecord) -> tuple[int, int] | None:
+    """The source image's (H, W) that prepare_data stored in a shard's .json, when present and sane:
+    the shard image itself may have been downscaled."""
+    size = record.metadata.get("original_size")
+    if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+        return size[0], size[1]
+    return None
 
 
 def resize_crop(img: Image.Image, resolution: int, u_x: float, u_y: float) -> Image.Image:

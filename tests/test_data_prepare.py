@@ -1,0 +1,154 @@
+"""launch/prepare_data.py: sources round-trip into shards, --validate, the emoji set (offline)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import _data_fixtures as fx
+from data import DataConfig, open_records
+from data import emoji as emoji_set
+from launch import prepare_data
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shard_contents(folder: Path) -> dict[str, dict]:
+    """key -> decoded RGB pixels, caption and metadata, read back through the data layer."""
+    _, records = open_records(DataConfig(source=str(folder)))
+    out = {}
+    for record in records:
+        assert record.problem is None, record.problem
+        out[record.key] = {"pixels": np.asarray(Image.open(io.BytesIO(record.image)).convert("RGB")),
+                           "caption": record.caption.decode() if isinstance(record.caption, bytes) else record.caption,
+                           "metadata": record.metadata}
+    return out
+
+
+def test_folder_round_trips_into_shards_and_a_rerun_does_nothing(tmp_path):
+    captions = fx.make_image_folder(tmp_path / "folder", 7)
+    out = tmp_path / "shards"
+    stats = prepare_data.main(["--data", str(tmp_path / "folder"), "--out", str(out), "--samples-per-shard", "3"])
+    assert stats["samples_written"] == 7 and [s["samples"] for s in stats["shards"]] == [3, 3, 1]
+    contents = shard_contents(out)
+    assert {k: v["caption"] for k, v in contents.items()} == captions
+    for key, sample in contents.items():
+        original = np.asarray(Image.open(tmp_path / "folder" / f"{key}.png").convert("RGB"))
+        assert np.array_equal(sample["pixels"], original), key  # PNG: exact
+        assert sample["metadata"]["original_size"] == [40, 48]
+    assert json.loads((out / "config.json").read_text())["data"]["source"] == str(tmp_path / "folder")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    prepare_data.main(["--data", str(tmp_path / "folder"), "--out", str(out), "--samples-per-shard", "3"])
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_save_to_disk_dataset_round_trips_with_metadata_and_list_captions(tmp_path):
+    import datasets
+
+    images = [fx.textured(i, (30 + i, 20)) for i in range(4)]
+    rows = {"image": images, "text": [["a", "b"], ["one"], ["   "], []], "id": [f"r.{i}" for i in range(4)],
+            "score": [0.5, 1.5, 2.5, 3.5]}
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Sequence(datasets.Value("string")),
+                                  "id": datasets.Value("string"), "score": datasets.Value("float32")})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "disk"))
+    out = tmp_path / "shards"
+    stats = prepare_data.main(["--data", str(tmp_path / "disk"), "--data.key-column", "id", "--out", str(out)])
+    assert stats["skipped"] == {"missing_caption": 1} and stats["samples_written"] == 3
+    contents = shard_contents(out)
+    assert sorted(contents) == ["r_0", "r_1", "r_2"]  # keys made safe: no dots in shard keys
+    # list captions stay lists (the loader picks one per epoch); an empty list is a missing caption
+    assert contents["r_0"]["caption"] == ["a", "b"] and contents["r_1"]["caption"] == ["one"]
+    assert contents["r_2"]["caption"] == [""]
+    assert contents["r_1"]["metadata"]["score"] == 1.5 and contents["r_1"]["metadata"]["id"] == "r.1"
+    for i in range(3):
+        assert np.array_equal(contents[f"r_{i}"]["pixels"], np.asarray(images[i]))
+
+
+def test_large_images_are_downscaled_and_keep_their_original_size(tmp_path):
+    (tmp_path / "folder").mkdir()
+    fx.textured(0, (200, 100)).save(tmp_path / "folder" / "big.png")
+    (tmp_path / "folder" / "big.txt").write_text("big")
+    out = tmp_path / "shards"
+    prepare_data.main(["--data", str(tmp_path / "folder"), "--out", str(out), "--max-side", "64",
+                       "--image-format", "jpeg"])
+    contents = shard_contents(out)
+    assert contents["big"]["pixels"].shape == (32, 64, 3)
+    assert contents["big"]["metadata"]["original_size"] == [100, 200]
+
+
+def test_validate_reports_every_bad_sample_and_writes_nothing(tmp_path):
+    fx.make_image_folder(tmp_path / "folder", 3)
+    (tmp_path / "folder" / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "folder" / "broken.txt").write_text("x")
+    (tmp_path / "folder" / "bomb.png").write_bytes(fx.decompression_bomb(9000))
+    (tmp_path / "folder" / "bomb.txt").write_text("x")
+    before = sorted(p.name for p in (tmp_path / "folder").iterdir())
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--data",
+                             str(tmp_path / "folder"), "--validate"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "not_an_image\tbroken" in result.stdout + result.stderr
+    assert "decompression_bomb\tbomb" in result.stdout + result.stderr
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["samples_usable"] == 3 and summary["skipped"] == {"decompression_bomb": 1, "not_an_image": 1}
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == before
+
+
+def fake_emoji_package(path: Path) -> Path:
+    """A tiny stand-in for the npm tarball: 12 base emoji, one with skin tones, RGBA PNGs."""
+    entries = []
+    for n in range(12):
+        entry = {"name": f"TEST FACE {n}", "unified": f"1F6{n:02d}", "image": f"1f6{n:02d}.png", "sort_order": n,
+                 "short_name": f"t{n}", "short_names": [f"t{n}"], "category": "Smileys", "subcategory": "face",
+                 "has_img_google": True}
+        if n == 9:
+            entry["skin_variations"] = {
+                "1F3FD": {"unified": "1F609-1F3FD", "image": "1f609-1f3fd.png", "has_img_google": True},
+                "1F3FB-1F3FF": {"unified": "1F609-1F3FB-1F3FF", "image": "1f609-1f3fb-1f3ff.png", "has_img_google": True},
+            }
+        entries.append(entry)
+    members = [("package/emoji.json", json.dumps(entries).encode())]
+    names = [e["image"] for e in entries] + ["1f609-1f3fd.png", "1f609-1f3fb-1f3ff.png"]
+    for i, name in enumerate(names):
+        members.append((emoji_set.IMAGE_FOLDER + name, fx.encode(fx.solid((*fx.distinct_color(i), 0), (64, 64), "RGBA"))))
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_emoji_captions_and_a_leak_free_validation_split(tmp_path):
+    train, val = emoji_set.emoji_records(*emoji_set.read_package(fake_emoji_package(tmp_path / "e.tgz")))
+    assert len(train) == 11 and len(val) == 3  # base emoji 9 (the 10th) and both its variants
+    assert sorted(r.caption for r in val) == [
+        "test face 9", "test face 9: light skin tone, dark skin tone", "test face 9: medium skin tone"]
+    assert val[0].metadata["category"] == "Smileys" and val[1].metadata["subcategory"] == "face"
+
+
+def test_emoji_download_is_verified_against_the_published_integrity(tmp_path):
+    package = fake_emoji_package(tmp_path / "e.tgz")
+    url, good = package.as_uri(), emoji_set.integrity_of(package.read_bytes())
+    with pytest.raises(RuntimeError, match="tampered"):
+        emoji_set.fetch_tarball(tmp_path / "downloads", url=url, integrity="sha512-AAAA")
+    assert not (tmp_path / "downloads" / "e.tgz").exists()
+    cached = emoji_set.fetch_tarball(tmp_path / "downloads", url=url, integrity=good)
+    assert cached.read_bytes() == package.read_bytes()
+
+
+def test_emoji_prepare_writes_white_backed_train_and_val_shards(tmp_path, monkeypatch):
+    package = fake_emoji_package(tmp_path / "e.tgz")
+    monkeypatch.setattr(emoji_set, "fetch_tarball", lambda download_dir: package)
+    stats = prepare_data.main(["--emoji", str(tmp_path / "emoji")])
+    assert stats["train"]["samples_written"] == 11 and stats["val"]["samples_written"] == 3
+    contents = shard_contents(tmp_path / "emoji" / "val")
+    assert all((sample["pixels"] == 255).all() for sample in contents.values()), "transparent must be white"
+    assert prepare_data.main(["--emoji", str(tmp_path / "emoji")])["seconds"] == stats["seconds"]  # reused
