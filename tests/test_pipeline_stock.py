@@ -1,0 +1,82 @@
+"""A saved pipeline loads in stock diffusers' StableDiffusionPipeline and gives the same images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+from test_pipeline_fixtures import single_thread, tiny_pipeline  # noqa: F401 (autouse fixture)
+
+from ldm.objective import NoiseScheduleConfig
+from ldm.pipeline import LatentDiffusionPipeline
+
+PROMPTS = ["red flag", "a face"]  # short: the tiny tokenizers' max_length is 12
+CASES = {
+    "clip-eps": ("clip", NoiseScheduleConfig()),
+    "bert-v-zero-snr": ("bert", NoiseScheduleConfig(prediction_type="v_prediction", zero_terminal_snr=True)),
+}
+
+
+def psnr(a: list, b: list) -> float:
+    """Worst per-image PSNR in dB between two lists of 8-bit PIL images."""
+    x = np.stack([np.asarray(i, dtype=np.float64) for i in a])
+    y = np.stack([np.asarray(i, dtype=np.float64) for i in b])
+    mse = ((x - y) ** 2).mean(axis=(1, 2, 3))
+    return float((10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))).min())
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def saved(request, tmp_path_factory):
+    encoder, schedule = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    tiny_pipeline(root, encoder=encoder, schedule=schedule).save_pretrained(root / "pipe")
+    ours = LatentDiffusionPipeline.from_pretrained(root / "pipe")
+    stock = StableDiffusionPipeline.from_pretrained(root / "pipe")
+    stock.set_progress_bar_config(disable=True)
+    return ours, stock, stock.scheduler
+
+
+@pytest.fixture
+def pipes(saved):
+    """Both pipelines, stock's scheduler a fresh copy of the one saved in the folder."""
+    ours, stock, scheduler = saved
+    stock.scheduler = type(scheduler).from_config(scheduler.config)
+    return ours, stock
+
+
+def _stock(stock, seed, n, **kw):
+    generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
+    return stock(PROMPTS, height=16, width=16, generator=generators, **kw).images
+
+
+def test_stock_diffusers_loads_the_folder_as_saved(pipes):
+    ours, stock = pipes
+    assert type(stock.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert stock.scheduler.config.prediction_type == ours.schedule.prediction_type
+    assert stock.safety_checker is None and stock.vae_scale_factor == ours.factor == 2
+    assert type(stock.text_encoder) is type(ours.text_encoder.model)
+
+
+def test_same_images_with_guidance_and_negative_prompt(pipes):
+    ours, stock = pipes
+    kw = dict(num_images_per_prompt=2, guidance_scale=7.5, guidance_rescale=0.5, negative_prompt=["dark", "blue"])
+    mine = ours(PROMPTS, steps=5, seed=11, **kw)
+    theirs = _stock(stock, 11, 4, num_inference_steps=5, **kw)
+    assert psnr(mine, theirs) >= 40
+    # The comparison has power: another negative prompt, or another seed, is visibly different.
+    assert psnr(mine, _stock(stock, 11, 4, num_inference_steps=5, **{**kw, "negative_prompt": None})) < 40
+    assert psnr(mine, _stock(stock, 12, 4, num_inference_steps=5, **kw)) < 30
+
+
+def test_same_images_with_a_stochastic_sampler(pipes):
+    ours, stock = pipes
+    stock.scheduler = EulerAncestralDiscreteScheduler.from_config(stock.scheduler.config)
+    mine = ours(PROMPTS, steps=4, sampler="euler_a", guidance_scale=3.0, seed=5)
+    assert psnr(mine, _stock(stock, 5, 2, num_inference_steps=4, guidance_scale=3.0)) >= 40
+
+
+def test_same_images_without_guidance(pipes):
+    ours, stock = pipes
+    mine = ours(PROMPTS, steps=3, sampler="dpmpp_2m", guidance_scale=1.0, seed=0)
+    assert psnr(mine, _stock(stock, 0, 2, num_inference_steps=3, guidance_scale=1.0)) >= 40
