@@ -197,13 +197,28 @@ class LatentDiffusionPipeline:
         for start in range(0, len(per_image), batch_size):
             chunk = per_image[start : start + batch_size]
             gen = generators[start : start + batch_size] if isinstance(generators, list) else generators
-            latents = self._sample(chunk, gen, steps, sampler, guidance_scale, guidance_rescale, height, width, progress)
-            images = self._decode(latents)
+            latents = self.sample_latents(
+                chunk, gen, steps, sampler, guidance_scale, guidance_rescale, height, width, progress
+            )
+            images = self.decode_latents(latents)
             out += [GeneratedImage(im, p, n, s) for im, (p, n), s in zip(images, chunk, seeds[start:])]
         return out
 
-    def _sample(self, chunk, generator, steps, sampler, scale, rescale, height, width, progress) -> torch.Tensor:
-        """Latents [b, C, H/f, W/f] for one batch, in StableDiffusionPipeline's order of operations."""
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        chunk: list[tuple[str, str | None]],
+        generator: torch.Generator | list[torch.Generator] | None,
+        steps: int,
+        sampler: str,
+        scale: float,
+        rescale: float,
+        height: int,
+        width: int,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Latents [b, C, H/f, W/f] for one batch of (prompt, negative prompt or None) pairs, in
+        StableDiffusionPipeline's order of operations. ``generate`` = this + ``decode_latents``."""
         hidden = self._encode([p for p, _ in chunk])  # [b, L, D]
         shape = (len(chunk), self.unet.config.in_channels, height // self.factor, width // self.factor)
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=hidden.dtype)
@@ -226,7 +241,8 @@ class LatentDiffusionPipeline:
         rows = [null[0] if n is None else self._encode([n])[0] for n in negatives]
         return torch.stack(rows)
 
-    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         # Latents are already normalised by the autoencoder (scaling_factor 1.0 by contract);
         # dividing keeps stock diffusers' formula for any other value.
         image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
