@@ -114,8 +114,8 @@ def test_spec_syntax_round_trips_and_refuses_mistakes() -> None:
         assert parse_spec(parse_spec(spec).to_spec()) == parse_spec(spec)
     assert parse_spec("openclip:local-dir:/w/my@folder").pretrained is None  # '@' belongs to the path
     assert parse_spec("hf:x", layer="penultimate", max_length=None).layer == "penultimate"
-    bad = ["", "clip:x", "hf:", "hf:x?layer=middle", "hf:x?colour=red", "hf:x?max_length=ten",
-           "hf:x?null=noise", "minilm?max_length=1", "hf:x?layer=last&layer=last", "openclip:ViT-B-32?revision=v1"]  # fmt: skip
+    bad = ["", "clip:x", "hf:", "hf:x?layer=middle", "hf:x?colour=red", "hf:x?max_length=ten", "hf:x?null=noise",
+           "minilm?max_length=1", "hf:x?layer=last&layer=last", "openclip:ViT-B-32?revision=v1", "minilm:x"]
     for spec in bad:
         with pytest.raises(TextEncoderSpecError):
             parse_spec(spec)
@@ -265,6 +265,24 @@ def test_refuses_pickles_partial_weights_and_missing_lengths(tiny_dirs: dict[str
         load_text_encoder(f"hf:{tiny_dirs['t5']}")
     with pytest.raises(ValueError, match="longer than the 16 positions"):
         load_text_encoder(f"hf:{tiny_dirs['clip']}?max_length=40")
+
+
+def test_dtype_device_and_hub_file_selection(tiny_dirs: dict[str, Path]) -> None:
+    from text_encoder.hf_backend import hub_files_to_fetch
+
+    te = load_text_encoder(f"hf:{tiny_dirs['bert']}", dtype="bfloat16")
+    assert te.encode(["a cat"]).hidden.dtype == torch.bfloat16 and te.fingerprint["dtype"] == "bfloat16"
+    te.to(device="cpu", dtype=torch.float32)
+    assert te.encode(["a cat"]).hidden.dtype == torch.float32 and te.device == torch.device("cpu")
+    pipeline_repo = ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+                     "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors", "tokenizer/vocab.json",
+                     "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "README.md"]  # fmt: skip
+    assert hub_files_to_fetch(pipeline_repo, allow_pickle=False) == [
+        "model_index.json", "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/vocab.json",
+        "tokenizer/merges.txt", "tokenizer/tokenizer_config.json"]  # fmt: skip
+    model_repo = ["config.json", "pytorch_model.bin", "tf_model.h5", "spiece.model", "tokenizer.json", "onnx/x.onnx"]
+    assert hub_files_to_fetch(model_repo, allow_pickle=False) == ["config.json", "spiece.model", "tokenizer.json"]
+    assert "pytorch_model.bin" in hub_files_to_fetch(model_repo, allow_pickle=True)
 
 
 def test_real_minilm_from_the_wheel_embeds_meaning(encoders: dict) -> None:

@@ -27,7 +27,9 @@ from text_encoder.spec import TextEncoderConfig, parse_spec
 logger = logging.getLogger(__name__)
 
 # Prompts whose token ids identify a tokenizer's behaviour (case, punctuation, unicode, truncation).
-_TOKENIZER_PROBES = ("", "a photo of a cat", "Two DOGS, playing in the snow at 5 pm!", "naïve café 日本語 🐱", "long " * 600)
+_TOKENIZER_PROBES = [
+    "", "a photo of a cat", "Two DOGS, playing in the snow at 5 pm!", "naïve café 日本語 🐱", "long " * 600
+]
 
 
 @dataclass
@@ -71,7 +73,7 @@ class FrozenTextEncoder:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.get_input_embeddings().embedding_dim)
+        return int(self.model.config.hidden_size)  # the width of ``hidden``, D
 
     @property
     def uses_attention_mask(self) -> bool:
@@ -92,9 +94,13 @@ class FrozenTextEncoder:
         of ``hidden`` over prompt tokens for every other encoder.
         """
         _check_prompts(prompts)
-        if self.model.training:
+        return self._encode(list(prompts), count=True)
+
+    def _encode(self, prompts: list[str], count: bool) -> TextEmbeddings:
+        if self.model.training:  # dropout would make the "frozen" conditioning random
             raise RuntimeError("the frozen text encoder's model was put in training mode; call .model.eval()")
-        chunks = [self._encode_chunk(prompts[i : i + self.batch_size]) for i in range(0, len(prompts), self.batch_size)]
+        step = self.batch_size
+        chunks = [self._encode_chunk(prompts[i : i + step], count) for i in range(0, len(prompts), step)]
         if not chunks:
             empty = torch.zeros(0, self.max_length, self.hidden_size, device=self.device, dtype=self.dtype)
             mask = torch.zeros(0, self.max_length, dtype=torch.long, device=self.device)
@@ -105,11 +111,12 @@ class FrozenTextEncoder:
             pooled=torch.cat([c.pooled for c in chunks]),
         )
 
-    def _encode_chunk(self, prompts: list[str]) -> TextEmbeddings:
+    def _encode_chunk(self, prompts: list[str], count: bool) -> TextEmbeddings:
         tokens = self.tokenizer(
             prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
-        self._count_truncations(prompts)
+        if count:
+            self._count_truncations(prompts)
         ids = tokens["input_ids"].to(self.device)  # [B, L]
         mask = tokens["attention_mask"].to(self.device)  # [B, L]
         # no_grad rather than inference_mode: the outputs feed a trained UNet's autograd graph.
@@ -141,9 +148,7 @@ class FrozenTextEncoder:
         negative prompt. ``null=zeros``: all-zero hidden and pooled vectors (mask of "" kept).
         Not counted in ``num_prompts``.
         """
-        counts = (self.num_prompts, self.num_truncated)
-        empty = self.encode([""])
-        self.num_prompts, self.num_truncated = counts
+        empty = self._encode([""], count=False)
         if self.config.null == "zeros":
             return TextEmbeddings(torch.zeros_like(empty.hidden), empty.mask, torch.zeros_like(empty.pooled))
         return empty
@@ -154,7 +159,7 @@ class FrozenTextEncoder:
         if self._weights_sha256 is None:  # hashing gigabytes once is enough
             self._weights_sha256 = sha256_of_state_dict(self.model.state_dict())
         probe = self.tokenizer(
-            list(_TOKENIZER_PROBES), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            _TOKENIZER_PROBES, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
         return {
             "backend": self.config.backend,

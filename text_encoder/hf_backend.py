@@ -15,7 +15,15 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer, CLIPTextConfig, CLIPTextModel
+from transformers import (
+    MODEL_FOR_TEXT_ENCODING_MAPPING,
+    AutoConfig,
+    AutoModel,
+    AutoModelForTextEncoding,
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+)
 
 from text_encoder.backend import LoadedEncoder, freeze, quiet_transformers, resolve_max_length
 from text_encoder.spec import TextEncoderConfig
@@ -154,19 +162,23 @@ def find_weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
     raise FileNotFoundError(f"no safetensors weights in {model_dir}{hint}")
 
 
-def _load_model(model_dir: Path, cfg: TextEncoderConfig, dtype: torch.dtype) -> transformers.PreTrainedModel:
+def _model_class_and_config(model_dir: Path) -> tuple[type, transformers.PreTrainedConfig]:
+    """CLIPTextModel (a full CLIP checkpoint gives its text part), an encoder-only class, or AutoModel."""
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type in _CLIP_TYPES:
-        model_class, config = CLIPTextModel, CLIPTextConfig.from_pretrained(model_dir)
-    elif type(config) in AutoModelForTextEncoding._model_mapping:
-        model_class = AutoModelForTextEncoding
-    elif getattr(config, "is_encoder_decoder", False):
+        return CLIPTextModel, CLIPTextConfig.from_pretrained(model_dir)
+    if type(config) in MODEL_FOR_TEXT_ENCODING_MAPPING:  # T5 -> T5EncoderModel, BERT -> BertModel, ...
+        return AutoModelForTextEncoding, config
+    if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
             f"{model_dir} is an encoder-decoder model ({config.model_type}) without an encoder-only class; "
             "only the T5 family and plain encoders are supported"
         )
-    else:
-        model_class = AutoModel
+    return AutoModel, config
+
+
+def _load_model(model_dir: Path, cfg: TextEncoderConfig, dtype: torch.dtype) -> transformers.PreTrainedModel:
+    model_class, config = _model_class_and_config(model_dir)
     if cfg.layer == "penultimate":
         config.num_hidden_layers = _num_layers(config, model_dir) - 1
     if config.model_type not in _CLIP_TYPES:
@@ -192,7 +204,7 @@ def _load_model(model_dir: Path, cfg: TextEncoderConfig, dtype: torch.dtype) -> 
     return model
 
 
-def _num_layers(config: transformers.PretrainedConfig, model_dir: Path) -> int:
+def _num_layers(config: transformers.PreTrainedConfig, model_dir: Path) -> int:
     layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(layers, int) or layers < 2:
         raise ValueError(f"layer=penultimate needs a model with at least 2 layers; {model_dir} has {layers}")

@@ -87,38 +87,43 @@ def _without_random_init_warning() -> Iterator[None]:
 
 def _resolve(cfg: TextEncoderConfig) -> tuple[str, Path, str | None, bool]:
     """(open_clip model name, local weights file, Hub revision, force quick_gelu) for a spec."""
-    import open_clip
-
     name = cfg.name
     if name.startswith("local-dir:"):
-        folder = Path(name[len("local-dir:") :]).expanduser()
-        _refuse_hf_text_tower(_local_dir_config(folder), name)
-        return f"local-dir:{folder}", _checkpoint_in_folder(folder, cfg.allow_pickle), None, False
-    if name.startswith("hf-hub:"):
+        folder, revision = Path(name[len("local-dir:") :]).expanduser(), None
+    elif name.startswith("hf-hub:"):
         folder, revision = _hub_folder(name[len("hf-hub:") :], cfg.revision, cfg.allow_pickle)
-        _refuse_hf_text_tower(_local_dir_config(folder), name)
-        return f"local-dir:{folder}", _checkpoint_in_folder(folder, cfg.allow_pickle), revision, False
+    else:
+        return _resolve_registered(cfg)
+    _refuse_unconvertible_config(_local_dir_config(folder), name)
+    return f"local-dir:{folder}", _checkpoint_in_folder(folder, cfg.allow_pickle), revision, False
+
+
+def _resolve_registered(cfg: TextEncoderConfig) -> tuple[str, Path, None, bool]:
+    """An arch from open_clip's registry with ``@FILE`` or ``@TAG`` (downloaded by open_clip)."""
+    import open_clip
+
+    name, tags = cfg.name, open_clip.list_pretrained_tags_by_model(cfg.name)
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         raise ValueError(
             f"open_clip has no model config named {name!r}; register yours with open_clip.add_model_config(PATH) "
             "or use openclip:local-dir:FOLDER (with open_clip_config.json)"
         )
-    _refuse_hf_text_tower(model_cfg, name)
+    _refuse_unconvertible_config(model_cfg, name)
     if not cfg.pretrained:
-        raise ValueError(
-            f"openclip:{name} needs weights: add @TAG (one of {open_clip.list_pretrained_tags_by_model(name)}) "
-            "or @/path/to/weights.safetensors"
-        )
+        raise ValueError(f"openclip:{name} needs weights: add @TAG (one of {tags}) or @/path/to/weights.safetensors")
     if os.path.isfile(cfg.pretrained):
         return name, _check_weights_file(Path(cfg.pretrained), cfg.allow_pickle), None, False
     tag_cfg = open_clip.get_pretrained_cfg(name, cfg.pretrained)
     if not tag_cfg:
-        raise ValueError(
-            f"{cfg.pretrained!r} is neither a file nor a pretrained tag of open_clip model {name}; "
-            f"known tags: {open_clip.list_pretrained_tags_by_model(name)}"
-        )
-    weights = Path(open_clip.download_pretrained(tag_cfg))
+        raise ValueError(f"{cfg.pretrained!r} is neither a file nor a pretrained tag of {name}; known tags: {tags}")
+    try:
+        weights = Path(open_clip.download_pretrained(tag_cfg))
+    except Exception as e:  # open_clip retries, then raises a bare FileNotFoundError or RuntimeError
+        raise FileNotFoundError(
+            f"could not fetch the weights of openclip:{name}@{cfg.pretrained} (needs the Hugging Face Hub "
+            f"once, then its cache): {e}"
+        ) from e
     # The tag's metadata says which activation these weights were trained with (OpenAI's: QuickGELU).
     quick_gelu = bool(tag_cfg.get("quick_gelu", False)) and not model_cfg.get("quick_gelu", False)
     return name, _check_weights_file(weights, cfg.allow_pickle), None, quick_gelu
@@ -132,12 +137,19 @@ def _local_dir_config(folder: Path) -> dict:
     return data.get("model_cfg", data)
 
 
-def _refuse_hf_text_tower(model_cfg: dict, name: str) -> None:
-    hf_name = model_cfg.get("text_cfg", {}).get("hf_model_name")
+def _refuse_unconvertible_config(model_cfg: dict, name: str) -> None:
+    """Refuse from the config alone what cannot convert, before building (or downloading) anything."""
+    text_cfg = model_cfg.get("text_cfg", {})
+    hf_name = text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name")
     if hf_name:
         raise ValueError(
-            f"open_clip model {name} uses a transformers text tower ({hf_name}) that has no CLIPTextModel "
-            "equivalent; only open_clip's own CLIP-style text transformer can be converted"
+            f"open_clip model {name} uses a transformers text tower or tokenizer ({hf_name}) that has no "
+            "CLIPTextModel equivalent; only open_clip's own CLIP-style text transformer can be converted"
+        )
+    if text_cfg.get("no_causal_mask") or text_cfg.get("embed_cls"):
+        raise ValueError(
+            f"open_clip model {name} has a bidirectional or class-token text tower (SigLIP/CoCa style); "
+            "only causal CLIP-style text transformers convert to CLIPTextModel"
         )
 
 

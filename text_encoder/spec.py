@@ -96,7 +96,7 @@ class TextEncoderConfig:
 def parse_spec(spec: str, **options: Any) -> TextEncoderConfig:
     """Parse ``spec`` (see the module docstring); keyword ``options`` add to the spec's ``?key=value``."""
     if not isinstance(spec, str) or not spec.strip():
-        raise TextEncoderSpecError("the text encoder spec is empty; e.g. 'minilm' or 'hf:openai/clip-vit-large-patch14'")
+        raise TextEncoderSpecError("the text encoder spec is empty; e.g. 'minilm' or 'hf:google/flan-t5-base'")
     head, _, query = spec.strip().partition("?")
     fields = _parse_head(head)
     for key, value in _parse_query(query, spec).items():
