@@ -58,6 +58,8 @@ class DataConfig:
     """PIL format names that may be opened; others are refused unopened."""
     image_extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
     """File or shard member extensions that are treated as images."""
+    resample: Literal["bicubic", "bilinear"] = "bicubic"
+    """Resize filter, antialiased on downscales (torch's kernels, equal to PIL's within one level)."""
     jpeg_draft: bool = True
     """Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers `resolution`."""
 
@@ -82,6 +84,8 @@ class DataConfig:
             out.append(f"resolution={self.resolution} must be at least 8")
         if self.crop not in ("center", "random"):
             out.append(f"crop={self.crop!r} must be 'center' or 'random'")
+        if self.resample not in ("bicubic", "bilinear"):
+            out.append(f"resample={self.resample!r} must be 'bicubic' or 'bilinear'")
         if self.missing_caption not in ("skip", "empty"):
             out.append(f"missing_caption={self.missing_caption!r} must be 'skip' or 'empty'")
         if self.max_image_pixels < 1:

@@ -215,7 +215,7 @@ def _blocks(records: Iterator[RawRecord], size: int) -> Iterator[list[RawRecord]
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Samples -> the batch contract: pixel_values [B, 3, H, W], captions, keys, original_sizes [B, 2]."""
     return {
-        "pixel_values": torch.stack([s["image"] for s in samples]),
+        "pixel_values": torch.stack([s["image"] for s in samples]).contiguous(),
         "captions": [s["caption"] for s in samples],
         "keys": [s["key"] for s in samples],
         "original_sizes": torch.tensor([list(s["original_size"]) for s in samples], dtype=torch.long),

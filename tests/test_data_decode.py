@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,7 +12,7 @@ import _data_fixtures as fx
 from data import DataConfig, DataConfigError, key_to_filename, parse_source_spec, shard_key
 from data.captions import resolve_caption
 from data.decode import BadSample, decode_rgb
-from data.sample import RawRecord, make_sample, resize_crop, sample_draws
+from data.sample import RawRecord, crop_resize, make_sample, sample_draws
 
 CFG = DataConfig()
 
@@ -116,11 +118,13 @@ def test_sample_format_and_crop_geometry():
     assert image.shape == (3, 16, 16) and image.dtype.is_floating_point
     assert -1.0 <= image.min() and image.max() <= 1.0
     assert sample["original_size"] == (32, 64)
-    img = Image.open(__import__("io").BytesIO(record.image)).convert("RGB")
-    left, right = resize_crop(img, 16, 0.0, 0.5), resize_crop(img, 16, 1.0, 0.5)
-    reference = img.resize((32, 16), Image.Resampling.BICUBIC)
-    assert np.abs(np.asarray(left, np.int16) - np.asarray(reference.crop((0, 0, 16, 16)), np.int16)).mean() < 3
-    assert np.abs(np.asarray(right, np.int16) - np.asarray(reference.crop((16, 0, 32, 16)), np.int16)).mean() < 3
+    img = Image.open(io.BytesIO(record.image)).convert("RGB")
+    reference = np.asarray(img.resize((32, 16), Image.Resampling.BICUBIC), np.float32)  # PIL: shorter side to 16
+    for u_x, x0 in ((0.0, 0), (1.0, 16)):
+        crop = (crop_resize(img, 16, u_x, 0.5).permute(1, 2, 0).numpy() + 1) * 127.5
+        assert np.abs(crop - reference[:, x0:x0 + 16]).mean() < 3, "crop is not resize-shorter-side-then-crop"
+    flipped = crop_resize(img, 16, 0.0, 0.5, flip=True)
+    assert flipped.equal(crop_resize(img, 16, 0.0, 0.5).flip(-1))
 
 
 def test_flip_and_random_crop_are_deterministic_per_seed_epoch_and_key():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -18,7 +16,6 @@ from data import DataConfig, open_records
 from data import emoji as emoji_set
 from launch import prepare_data
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def shard_contents(folder: Path) -> dict[str, dict]:
@@ -84,20 +81,19 @@ def test_large_images_are_downscaled_and_keep_their_original_size(tmp_path):
     assert contents["big"]["metadata"]["original_size"] == [100, 200]
 
 
-def test_validate_reports_every_bad_sample_and_writes_nothing(tmp_path):
+def test_validate_reports_every_bad_sample_and_writes_nothing(tmp_path, capsys):
     fx.make_image_folder(tmp_path / "folder", 3)
     (tmp_path / "folder" / "broken.png").write_bytes(b"not an image")
     (tmp_path / "folder" / "broken.txt").write_text("x")
     (tmp_path / "folder" / "bomb.png").write_bytes(fx.decompression_bomb(9000))
     (tmp_path / "folder" / "bomb.txt").write_text("x")
     before = sorted(p.name for p in (tmp_path / "folder").iterdir())
-    result = subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "--data",
-                             str(tmp_path / "folder"), "--validate"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "not_an_image\tbroken" in result.stdout + result.stderr
-    assert "decompression_bomb\tbomb" in result.stdout + result.stderr
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = prepare_data.main(["--data", str(tmp_path / "folder"), "--validate"])
+    printed = capsys.readouterr()
+    assert "not_an_image\tbroken" in printed.out + printed.err
+    assert "decompression_bomb\tbomb" in printed.out + printed.err
     assert summary["samples_usable"] == 3 and summary["skipped"] == {"decompression_bomb": 1, "not_an_image": 1}
+    assert json.loads(printed.out[printed.out.index("{"):]) == summary
     assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == before
 
 
