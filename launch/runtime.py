@@ -289,6 +289,30 @@ def _atomic_json(path: Path, obj: Any) -> None:
 # metrics and progress
 
 
+def add_logs(into: dict[str, torch.Tensor], logs: dict[str, torch.Tensor], scale: float) -> None:
+    for k, v in logs.items():
+        into[k] = into.get(k, 0) + v * scale
+
+
+def accumulate_logs(sums: dict[str, torch.Tensor], logs: dict[str, torch.Tensor]) -> None:
+    """Sum logs on the device between log intervals (no host sync per step)."""
+    add_logs(sums, logs, 1.0)
+    sums["_count"] = sums.get("_count", 0) + 1
+
+
+def reduce_logs(acc, sums: dict[str, torch.Tensor], **extra: float) -> dict[str, float]:
+    """Mean over steps since the last call and over processes; clears ``sums``."""
+    count = sums.pop("_count", 0)
+    if not count:
+        return dict(extra)
+    keys = sorted(sums)
+    stacked = torch.stack([torch.as_tensor(sums[k], device=acc.device, dtype=torch.float32) for k in keys])
+    stacked = acc.reduce(stacked, reduction="mean") / count
+    sums.clear()
+    return {**dict(zip(keys, stacked.tolist())), **extra}
+
+
+
 class MetricsLogger:
     """Main-process metrics: ``metrics.jsonl`` always, tensorboard or wandb when asked."""
 

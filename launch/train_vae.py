@@ -34,6 +34,8 @@ from launch.runtime import (
     MetricsLogger,
     PreemptionFlag,
     RunConfig,
+    accumulate_logs,
+    reduce_logs,
     StepGuard,
     make_generators,
     make_lr_schedule,
@@ -144,11 +146,11 @@ def train(cfg: TrainVAEConfig) -> Path:
         state.step += 1
         state.counters["train_seconds"] = int(time.time() - t0)
         bar.update(1)
-        vae_steps.accumulate(sums, logs)
+        accumulate_logs(sums, logs)
         last = state.step >= run.max_steps or out_of_time(run, time.time() - t0)
         if state.step % run.log_every == 0 or last:
             speed = (state.step - step0) * run.batch_size * run.grad_accum_steps * acc.num_processes / (time.time() - t_start)
-            row = vae_steps.reduce_logs(acc, sums, lr=sched_g.get_last_lr()[0], images_per_s=speed,
+            row = reduce_logs(acc, sums, lr=sched_g.get_last_lr()[0], images_per_s=speed,
                                         skipped_steps=state.counters["skipped"])
             logger.log(state.step, row)
             bar.set_postfix(rec=f"{row.get('reconstruction', math.nan):.4f}")

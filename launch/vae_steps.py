@@ -17,7 +17,7 @@ from autoencoder.latents import LatentStatistics, fold_latent_statistics
 from autoencoder.metrics import reconstruction_metrics
 from data import iterate_once
 from launch.pictures import plot_curves, reconstruction_grid
-from launch.runtime import EMA, RunConfig, StepGuard, mark_finished, read_metrics
+from launch.runtime import EMA, RunConfig, StepGuard, add_logs, mark_finished, read_metrics
 
 
 def train_step(acc, model, disc, loss_fn, opt_g, opt_d, micro_batches: list[torch.Tensor], step: int,
@@ -39,14 +39,14 @@ def train_step(acc, model, disc, loss_fn, opt_g, opt_d, micro_batches: list[torc
                                                      raw.last_layer() if gan_on else None, disc if gan_on else None)
             acc.backward(loss / n)
         recons.append(out.reconstruction.detach())
-        _add(logs, step_logs, 1 / n)
+        add_logs(logs, step_logs, 1 / n)
     norm = acc.clip_grad_norm_(model.parameters(), run.max_grad_norm or math.inf)
     if gan_on:
         for i, (x, r) in enumerate(zip(micro_batches, recons)):
             with acc.no_sync(disc) if i < n - 1 else nullcontext():
                 loss_d, d_logs = loss_fn.discriminator_loss(x, r, step, disc)
                 acc.backward(loss_d / n)
-            _add(logs, d_logs, 1 / n)
+            add_logs(logs, d_logs, 1 / n)
         norm = norm + acc.clip_grad_norm_(disc.parameters(), run.max_grad_norm or math.inf)  # NaN/inf propagate
     applied, stop = guard.check(norm, step)
     if applied:
@@ -57,29 +57,6 @@ def train_step(acc, model, disc, loss_fn, opt_g, opt_d, micro_batches: list[torc
     opt_d.zero_grad(set_to_none=True)
     logs["grad_norm"] = norm.detach().float()
     return logs, applied, stop
-
-
-def _add(into: dict[str, torch.Tensor], logs: dict[str, torch.Tensor], scale: float) -> None:
-    for k, v in logs.items():
-        into[k] = into.get(k, 0) + v * scale
-
-
-def accumulate(sums: dict[str, torch.Tensor], logs: dict[str, torch.Tensor]) -> None:
-    """Sum logs on the device between log intervals (no host sync per step)."""
-    _add(sums, logs, 1.0)
-    sums["_count"] = sums.get("_count", 0) + 1
-
-
-def reduce_logs(acc, sums: dict[str, torch.Tensor], **extra: float) -> dict[str, float]:
-    """Mean over steps since the last call and over processes; clears ``sums``."""
-    count = sums.pop("_count", 0)
-    if not count:
-        return dict(extra)
-    keys = sorted(sums)
-    stacked = torch.stack([torch.as_tensor(sums[k], device=acc.device, dtype=torch.float32) for k in keys])
-    stacked = acc.reduce(stacked, reduction="mean") / count
-    sums.clear()
-    return {**dict(zip(keys, stacked.tolist())), **extra}
 
 
 class Validator:

@@ -1,0 +1,197 @@
+"""Stage 3: train a text-conditioned latent UNet on your autoencoder's latents.
+
+    accelerate launch launch/train_ldm.py --preset small --data.source DATA --val-data VAL \
+        --vae runs/vae/model --text-encoder minilm --cache-latents --cache-text --run.output-dir runs/ldm
+
+Rerunning the same command resumes from the newest complete checkpoint. The result is
+``OUTPUT/pipeline/``: a diffusers-layout pipeline folder that ``ldm-generate`` and stock
+``StableDiffusionPipeline.from_pretrained`` both load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python launch/train_ldm.py` / `accelerate launch launch/train_ldm.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from autoencoder.folder import load_autoencoder
+from data import DataConfig
+from launch import ldm_steps
+from launch.checkpoint import CheckpointManager, TrainState
+from launch.runtime import (
+    EMA, GradScalerState, MetricsLogger, PreemptionFlag, RunConfig, StepGuard, accumulate_logs, make_generators,
+    make_lr_schedule, mark_finished, maybe_crash, out_of_time, progress_bar, reduce_logs, run_finished,
+    setup_accelerator,
+)
+from ldm.cli import parse_config, save_config, to_dict
+from ldm.conditioning import DEFAULT_P_UNCOND
+from ldm.objective import DIFFUSION_PRESETS, DiffusionConfig, DiffusionObjective
+from ldm.unet import UNET_PRESETS, UNetConfig, build_unet
+from text_encoder import load_text_encoder
+
+
+@dataclass
+class TrainLDMConfig:
+    """Train a text-conditioned UNet (stage 3) on the latents of a stage-1 autoencoder."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(resolution=64, missing_caption="empty"))
+    val_data: str = ""
+    """--data spec of a held-out set for the validation loss; empty: none."""
+    vae: Path = Path("runs/vae/model")
+    """A stage-1 output folder; its latent statistics are already folded into it."""
+    text_encoder: str = "minilm"
+    """Stage-2 spec: minilm, hf:NAME_OR_DIR, openclip:ARCH[@PRETRAINED] (options after '?')."""
+    unet: UNetConfig = field(default_factory=lambda: UNET_PRESETS["small"])
+    diffusion: DiffusionConfig = field(default_factory=lambda: DIFFUSION_PRESETS["sd"])
+    p_uncond: float = DEFAULT_P_UNCOND
+    """Caption dropout probability, for classifier-free guidance."""
+    cache_latents: bool = False
+    """Encode every image once (posterior mean and std) and train from the cache."""
+    cache_text: bool = False
+    """Also cache the text embeddings (implies --cache-latents)."""
+    cache_dir: Path | None = None
+    """Default: OUTPUT/cache. A cache built for other stages or data is refused, never reused."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir=Path("runs/ldm")))
+    lr: float = 2e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    """torch.compile the UNet (GPU; slow to start)."""
+    val_every: int = 250
+    val_samples: int = 256
+    sample_every: int = 500
+    """Sample grid for fixed prompts and seeds every this many steps, and at the end."""
+    sample_prompts: tuple[str, ...] = ("grinning face", "cat face", "flag: japan", "red apple")
+    sample_guidance: tuple[float, ...] = (1.0, 3.0, 6.0)
+    sample_steps: int = 20
+    sampler: str = "dpmpp_2m"
+    """The pipeline's default sampler (see ldm-generate --help)."""
+
+
+def _preset(unet: str, **kw) -> TrainLDMConfig:
+    return dataclasses.replace(TrainLDMConfig(unet=UNET_PRESETS[unet]), **kw)
+
+
+PRESETS: dict[str, TrainLDMConfig] = {
+    "tiny": _preset("tiny", data=DataConfig(resolution=32, missing_caption="empty"), val_every=4, val_samples=8,
+                    sample_every=8, sample_prompts=("a red disc",), sample_guidance=(1.0, 3.0), sample_steps=2,
+                    run=RunConfig(max_steps=8, batch_size=4, warmup_steps=2, checkpoint_every=4, log_every=2,
+                                  num_workers=0, ema_decay=0.9, report_to="none", lr_schedule="constant")),
+    "small": _preset("small", lr=5e-4, run=RunConfig(output_dir=Path("runs/ldm"), max_steps=4000, batch_size=64,
+                                                     warmup_steps=100, checkpoint_every=250, log_every=25)),
+    "sd15": _preset("sd15", data=DataConfig(resolution=512), lr=1e-4, val_every=2000, sample_every=2000,
+                    run=RunConfig(max_steps=500_000, batch_size=16, mixed_precision="bf16", warmup_steps=10_000,
+                                  ema_decay=0.9999, checkpoint_every=2000, log_every=100),
+                    cache_latents=True, cache_text=True, text_encoder="hf:openai/clip-vit-large-patch14"),
+}
+
+
+def train(cfg: TrainLDMConfig) -> Path:
+    run = cfg.run
+    acc = setup_accelerator(run)
+    out = Path(run.output_dir)
+    if run_finished(out / "pipeline", run):
+        acc.print(f"{out / 'pipeline'} is complete for this step/time budget; nothing to do.")
+        return out / "pipeline"
+    if acc.is_main_process:
+        save_config(cfg, out / "config.json")
+
+    # Frozen stages 1 and 2.
+    vae, contract = load_autoencoder(cfg.vae)
+    vae.to(acc.device).eval().requires_grad_(False)
+    text_encoder = load_text_encoder(cfg.text_encoder, device=acc.device)
+    null_hidden = text_encoder.null_embedding().hidden.to(acc.device)  # [1, L, D]
+
+    # The trained stage: a fresh UNet, cross-attention width from the text encoder.
+    torch.manual_seed(run.seed)  # diffusers initialises weights from the global RNG; nothing else uses it
+    unet = build_unet(cfg.unet, text_encoder.hidden_size, contract.latent_channels)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    batches = ldm_steps.Batches(cfg, acc, vae, text_encoder, contract.to_json_dict())
+    objective = DiffusionObjective(cfg.diffusion)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
+                            fused=acc.device.type == "cuda")
+    sched = make_lr_schedule(opt, run)
+    unet, opt = acc.prepare(unet, opt)
+    raw = acc.unwrap_model(unet)
+    if cfg.compile:
+        unet = torch.compile(unet)
+    ema = EMA(raw, run.ema_decay).to(acc.device) if run.ema_decay > 0 else None
+
+    gens = make_generators(run.seed, acc.process_index, ["latent", "dropout", "diffusion"], device="cpu")
+    state = TrainState(
+        modules={"unet": raw, **({"ema": ema} if ema else {})}, optimizers={"unet": opt},
+        shared={"lr": sched, "grad_scaler": GradScalerState(acc)}, generators=gens,
+        per_rank={"data": batches.loader}, counters={"train_seconds": 0, "skipped": 0},
+    )
+    ckpt = CheckpointManager(out / "checkpoints", acc, keep_last=run.keep_last)
+    resumed = ckpt.resume(state)
+    acc.print(f"resumed from {resumed} at step {state.step}" if resumed else f"fresh run -> {out}")
+
+    guard = StepGuard(acc, run, PreemptionFlag())
+    guard.total_skipped = state.counters["skipped"]
+    logger = MetricsLogger(acc, out, run.report_to, out.name, to_dict(cfg))
+    evaluator = ldm_steps.Evaluator(cfg, acc, vae, text_encoder, objective, out, cfg.unet)
+    bar = progress_bar(acc, state.step, run.max_steps, "stage 3: UNet")
+    sums: dict = {}
+    t_start, step0, stop = time.time(), state.step, False
+    t0 = t_start - state.counters["train_seconds"]  # training time carries over a resume
+
+    while state.step < run.max_steps and not stop:
+        logs, applied, stop = ldm_steps.train_step(acc, unet, objective, opt, batches, null_hidden, cfg.p_uncond,
+                                                   gens, run, guard, state.step)
+        if applied:  # a skipped (non-finite) step advances neither the schedule nor the EMA
+            sched.step()
+            if ema is not None:
+                ema.update(raw)
+        state.counters["skipped"] = guard.total_skipped
+        state.step += 1
+        state.counters["train_seconds"] = int(time.time() - t0)
+        bar.update(1)
+        accumulate_logs(sums, logs)
+        last = state.step >= run.max_steps or out_of_time(run, time.time() - t0)
+        if state.step % run.log_every == 0 or last:
+            speed = (state.step - step0) * run.batch_size * run.grad_accum_steps * acc.num_processes / (time.time() - t_start)
+            row = reduce_logs(acc, sums, lr=sched.get_last_lr()[0], images_per_s=speed, skipped_steps=guard.total_skipped)
+            logger.log(state.step, row)
+            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
+        if state.step % cfg.val_every == 0 or last:
+            scores = evaluator.validation_loss(unet, ema)
+            if scores:
+                logger.log(state.step, scores, kind="val")
+                bar.write(f"step {state.step}: held-out loss {scores['val_loss']:.4f}")
+        if state.step % cfg.sample_every == 0 or last:
+            evaluator.sample_grid(unet, ema, state.step)
+        if stop or last or state.step % run.checkpoint_every == 0:
+            ckpt.save(state)
+        maybe_crash(run, state.step, acc)
+        if last:
+            break
+    bar.close()
+    if stop:
+        acc.print(f"stopped by {guard.preemption.signal_name} at step {state.step}; rerun the same command to resume")
+        logger.close()
+        sys.exit(143)
+
+    folder = ldm_steps.export(cfg, acc, unet, ema, evaluator, out, to_dict(cfg))
+    if acc.is_main_process:
+        mark_finished(folder, state.step, state.counters["train_seconds"])
+        ldm_steps.plot(out)
+    logger.close()
+    return folder
+
+
+def main(args: list[str] | None = None) -> None:
+    train(parse_config(TrainLDMConfig, PRESETS, args=args, default_preset="small"))
+
+
+if __name__ == "__main__":
+    main()
