@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -57,7 +58,8 @@ def process_record(record: RawRecord, cfg: DataConfig, draws_seed: int, epoch: i
     except BadSample as e:
         return {"bad": (e.reason, e.message), "key": record.key, "origin": record.origin}
     except Exception as e:  # one odd file must not end a days-long run; counted and budgeted instead
-        return {"bad": (f"unexpected_{type(e).__name__}", str(e)), "key": record.key, "origin": record.origin}
+        where = traceback.format_exc(limit=-2).strip().replace("\n", " | ")  # the innermost frames, for bug reports
+        return {"bad": (f"unexpected_{type(e).__name__}", where), "key": record.key, "origin": record.origin}
 
 
 def _worker_slot() -> tuple[int, int]:

@@ -71,7 +71,7 @@ def _image_dataset(n: int):
     return datasets.Dataset.from_dict(rows, features=features)
 
 
-def test_datasets_save_to_disk_and_parquet_match_the_folder_samples(tmp_path):
+def test_datasets_save_to_disk_parquet_and_arrow_match_the_folder_samples(tmp_path):
     dataset = _image_dataset(4)
     dataset.save_to_disk(str(tmp_path / "disk"))
     dataset.to_parquet(str(tmp_path / "rows.parquet"))
@@ -82,7 +82,9 @@ def test_datasets_save_to_disk_and_parquet_match_the_folder_samples(tmp_path):
     reference, _ = all_samples(str(tmp_path / "folder"))
     disk, _ = all_samples(str(tmp_path / "disk"), key_column="id")
     parquet, _ = all_samples(str(tmp_path / "rows.parquet"), key_column="id", cache_dir=str(tmp_path / "cache"))
-    for samples in (disk, parquet):
+    arrow_file = str(next((tmp_path / "disk").glob("*.arrow")))
+    arrow, _ = all_samples(arrow_file, key_column="id", cache_dir=str(tmp_path / "cache"))
+    for samples in (disk, parquet, arrow):
         assert sorted(samples) == sorted(reference)
         for key, sample in samples.items():
             assert sample["caption"] == reference[key]["caption"]
