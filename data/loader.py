@@ -154,7 +154,12 @@ class CaptionedLoader:
             "version": STATE_VERSION, "source": self.cfg.source, "seed": self.seed, "rank": self.rank,
             "world_size": self.world_size, "endless": self.endless, "batches": self.batches,
             "position": _json_copy(self.position), "bad_samples": self.tally.state_dict(),
+            "source_size": self._source_size(),
         }
+
+    def _source_size(self) -> int:
+        """Samples of a map source, or shards: a resumed run warns if the data changed under it."""
+        return len(self.source) if self.source is not None else len(self.plan.shards)
 
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Restore this rank's position; `state` is its own dict or the list of all ranks' dicts."""
@@ -164,6 +169,12 @@ class CaptionedLoader:
                 raise DataConfigError(f"The saved data states hold no single entry for rank {self.rank}.")
             state = mine[0]
         self._check_state(state)
+        if state.get("source_size") != self._source_size():
+            logger.warning(
+                "The data changed since this position was saved (%s then, %s now samples or shards): the "
+                "run resumes, but not with exactly the batches the uninterrupted run would have seen.",
+                state.get("source_size"), self._source_size(),
+            )
         self.close()
         self.position = _json_copy(state["position"])
         self.batches = int(state["batches"])
