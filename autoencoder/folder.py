@@ -1,0 +1,128 @@
+"""The stage-1 output folder: a diffusers ``AutoencoderKL`` folder plus ``latent_contract.json``.
+
+    out_dir/
+      config.json                             diffusers config (scaling_factor 1.0 once folded)
+      diffusion_pytorch_model.safetensors     weights (safetensors only)
+      latent_contract.json                    LatentContract, incl. the sha256 of every weights file
+
+The folder is written under a temporary name, fsynced, and renamed into place, so a reader never
+sees a half-written folder under the final name. ``latent_contract.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from diffusers import AutoencoderKL
+
+from autoencoder.latents import LatentContract
+from autoencoder.model import check_config_matches
+
+CONTRACT_FILE = "latent_contract.json"
+CONFIG_FILE = "config.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_folder(vae: AutoencoderKL, contract: LatentContract, tmp: Path) -> LatentContract:
+    vae.save_pretrained(tmp, safe_serialization=True)
+    weights = sorted(p for p in tmp.iterdir() if p.suffix == ".safetensors")
+    if not weights:
+        raise RuntimeError(f"save_pretrained wrote no .safetensors file into {tmp}")
+    contract = LatentContract(**{**contract.__dict__, "weights_sha256": {p.name: sha256_file(p) for p in weights}})
+    (tmp / CONTRACT_FILE).write_text(json.dumps(contract.to_json_dict(), indent=2) + "\n", encoding="utf-8")
+    _fsync_tree(tmp)
+    return contract
+
+
+def save_autoencoder(
+    vae: AutoencoderKL, contract: LatentContract, out_dir: str | Path, overwrite: bool = False
+) -> LatentContract:
+    """Write the stage-1 folder atomically; returns the contract with ``weights_sha256`` filled in.
+
+    ``vae`` must be the unwrapped model (``accelerator.unwrap_model(model).vae``). An existing
+    ``out_dir`` is replaced only with ``overwrite=True``.
+    """
+    if not isinstance(vae, AutoencoderKL):
+        raise TypeError(f"save_autoencoder needs the unwrapped AutoencoderKL, got {type(vae).__name__}")
+    check_config_matches(vae, contract.autoencoder_config)
+    if contract.folded and (vae.config.scaling_factor != 1.0 or vae.config.shift_factor is not None):
+        raise ValueError("contract says folded, but the model's scaling_factor/shift_factor are not 1.0/None")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        contract = _write_folder(vae, contract, tmp)
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        _fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return contract
+
+
+def read_latent_contract(folder: str | Path) -> LatentContract:
+    """The contract of a saved folder, after checking the folder is complete and unmodified."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no autoencoder folder at {folder}; train stage 1 (launch/train_vae.py) first")
+    for name in (CONFIG_FILE, CONTRACT_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a complete autoencoder folder: {name} is missing (interrupted save, or not "
+                "a folder written by save_autoencoder)"
+            )
+    try:
+        contract = LatentContract.from_json_dict(json.loads((folder / CONTRACT_FILE).read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder / CONTRACT_FILE} is not a valid latent contract: {e}") from e
+    if not contract.weights_sha256:
+        raise ValueError(f"{folder / CONTRACT_FILE} lists no weights files")
+    for name, expected in contract.weights_sha256.items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; the autoencoder folder is incomplete")
+        if sha256_file(path) != expected:
+            raise ValueError(f"{path} does not match the sha256 in {CONTRACT_FILE}: the weights were changed or corrupted")
+    return contract
+
+
+def load_autoencoder(folder: str | Path) -> tuple[AutoencoderKL, LatentContract]:
+    """Load a folder written by ``save_autoencoder``: verified weights, the model, and its contract."""
+    contract = read_latent_contract(folder)
+    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    check_config_matches(vae, contract.autoencoder_config)
+    if contract.folded and (vae.config.scaling_factor != 1.0 or vae.config.shift_factor is not None):
+        raise ValueError(f"{folder}: contract says folded but config.json has scaling_factor/shift_factor set")
+    return vae.eval(), contract
