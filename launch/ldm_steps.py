@@ -148,9 +148,10 @@ class Evaluator:
         out["val_loss"] = sum(out.values()) / len(VAL_TIMESTEPS)
         return out
 
-    def pipeline(self, unet, ema: EMA | None) -> LatentDiffusionPipeline:
+    def pipeline(self, unet, ema: EMA | None, use_ema: bool = True) -> LatentDiffusionPipeline:
+        model = self._ema_unet(unet, ema) if use_ema else self.acc.unwrap_model(unet)
         return LatentDiffusionPipeline.from_parts(
-            self._ema_unet(unet, ema), self.cfg.vae, self.te, self.objective.cfg.schedule,
+            model, self.cfg.vae, self.te, self.objective.cfg.schedule,
             default_sampler=self.cfg.sampler, unet_config=self.unet_config,
         )
 
@@ -179,9 +180,9 @@ def export(cfg, acc, unet, ema: EMA | None, evaluator: Evaluator, out: Path, tra
     """The composed pipeline folder (EMA weights), written by rank 0."""
     folder = out / "pipeline"
     if acc.is_main_process:
-        pipe = evaluator.pipeline(unet, ema)
+        pipe = evaluator.pipeline(unet, ema, use_ema=False)
         pipe.training_config = training_config
-        manifest_id = pipe.save_pretrained(folder, overwrite=True)
+        manifest_id = pipe.save_pretrained(folder, ema_weights=ema.weights() if ema else None, overwrite=True)
         acc.print(f"saved {folder} (manifest {manifest_id[:12]})")
     acc.wait_for_everyone()
     return folder

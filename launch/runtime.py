@@ -213,6 +213,10 @@ class EMA(torch.nn.Module):
         current = [params[n].detach().float() for n in self.names]
         torch._foreach_lerp_(self._shadow(), current, 1.0 - decay)
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """{parameter name: averaged value} (float32)."""
+        return dict(zip(self.names, self._shadow()))
+
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
@@ -269,6 +273,21 @@ def run_finished(folder: Path, run: RunConfig) -> bool:
 
 def out_of_time(run: RunConfig, train_seconds: float) -> bool:
     return run.max_train_minutes > 0 and train_seconds >= run.max_train_minutes * 60
+
+
+@torch.no_grad()
+def check_ranks_in_sync(accelerator, module: torch.nn.Module, what: str) -> None:
+    """Raise unless every process holds the same weights (DDP promises it; a desync is a bug to catch).
+
+    Compares a float64 sum and sum of squares of all parameters across ranks: one tiny gather.
+    """
+    params = [p.detach().double() for p in module.parameters()]
+    local = torch.stack([sum(p.sum() for p in params), sum(p.square().sum() for p in params)])
+    everyone = accelerator.gather(local.to(accelerator.device).unsqueeze(0))  # [world, 2]
+    if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
+        raise RuntimeError(f"{what}: the processes hold different weights {everyone.tolist()}; DDP went out of sync")
+    if accelerator.num_processes > 1:
+        log.info("%s: weights identical on all %d processes", what, accelerator.num_processes)
 
 
 def maybe_crash(run: RunConfig, step: int, accelerator) -> None:

@@ -28,7 +28,7 @@ from launch.checkpoint import CheckpointManager, TrainState
 from launch.runtime import (
     EMA, GradScalerState, MetricsLogger, PreemptionFlag, RunConfig, StepGuard, accumulate_logs, make_generators,
     make_lr_schedule, mark_finished, maybe_crash, out_of_time, progress_bar, reduce_logs, run_finished,
-    setup_accelerator,
+    setup_accelerator, check_ranks_in_sync,
 )
 from ldm.cli import parse_config, save_config, to_dict
 from ldm.conditioning import DEFAULT_P_UNCOND
@@ -101,11 +101,12 @@ def train(cfg: TrainLDMConfig) -> Path:
     if run_finished(out / "pipeline", run):
         acc.print(f"{out / 'pipeline'} is complete for this step/time budget; nothing to do.")
         return out / "pipeline"
-    if acc.is_main_process:
-        save_config(cfg, out / "config.json")
-
     # Frozen stages 1 and 2.
     vae, contract = load_autoencoder(cfg.vae)
+    # sample_size only tells diffusers the default image size: the training resolution in latents.
+    cfg.unet = dataclasses.replace(cfg.unet, sample_size=cfg.data.resolution // contract.downsample_factor)
+    if acc.is_main_process:
+        save_config(cfg, out / "config.json")
     vae.to(acc.device).eval().requires_grad_(False)
     text_encoder = load_text_encoder(cfg.text_encoder, device=acc.device)
     null_hidden = text_encoder.null_embedding().hidden.to(acc.device)  # [1, L, D]
@@ -176,6 +177,7 @@ def train(cfg: TrainLDMConfig) -> Path:
         if last:
             break
     bar.close()
+    check_ranks_in_sync(acc, acc.unwrap_model(unet), "UNet")
     if stop:
         acc.print(f"stopped by {guard.preemption.signal_name} at step {state.step}; rerun the same command to resume")
         logger.close()

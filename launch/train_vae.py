@@ -44,6 +44,7 @@ from launch.runtime import (
     progress_bar,
     run_finished,
     setup_accelerator,
+    check_ranks_in_sync,
 )
 from ldm.cli import parse_config, save_config
 
@@ -165,6 +166,7 @@ def train(cfg: TrainVAEConfig) -> Path:
         if last:
             break
     bar.close()
+    check_ranks_in_sync(acc, acc.unwrap_model(model), "autoencoder")
     if stop:
         acc.print(f"stopped by {guard.preemption.signal_name} at step {state.step}; rerun the same command to resume")
         logger.close()

@@ -58,3 +58,23 @@ def run(cmd: list[str], timeout: int = 300, check: bool = True) -> subprocess.Co
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_tiny_autoencoder_folder(folder: Path, images: Path) -> Path:
+    """A randomly initialised `tiny` autoencoder saved the way stage 1 saves it (statistics folded)."""
+    import torch
+
+    from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
+    from autoencoder.folder import save_autoencoder
+    from autoencoder.latents import LatentStatistics, fold_latent_statistics
+
+    torch.manual_seed(0)
+    cfg = AUTOENCODER_PRESETS["tiny"]
+    vae = build_autoencoder(cfg).eval()
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(images.glob("*.png"))]))
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    stats = LatentStatistics(cfg.latent_channels)
+    with torch.no_grad():
+        stats.update_from_posterior(vae.encode(x).latent_dist, generator=torch.Generator().manual_seed(0))
+    save_autoencoder(vae, fold_latent_statistics(vae, stats, cfg), folder)
+    return folder

@@ -1,0 +1,78 @@
+"""End to end: launch/train_ldm.py trains, resumes bitwise, keeps stages 1-2 frozen, exports a pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests._tiny_runs import accelerate_cmd, make_captioned_folder, make_tiny_autoencoder_folder, run, sha256
+
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ldm")
+    images = make_captioned_folder(root / "images", n=24, size=32)
+    vae = make_tiny_autoencoder_folder(root / "vae", images)
+    return images, vae
+
+
+def tiny_args(stages, out, *extra):
+    images, vae = stages
+    return ["--preset", "tiny", "--data.source", str(images), "--val-data", str(images), "--vae", str(vae),
+            "--text-encoder", "minilm", "--run.output-dir", str(out), *extra]
+
+
+def train_steps(path):
+    return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_resume_equals_straight_run_and_stages_stay_frozen(stages, tmp_path):
+    from launch.train_ldm import main
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    vae_before = sha256(stages[1] / "diffusion_pytorch_model.safetensors")
+    main(tiny_args(stages, tmp_path / "straight"))
+    main(tiny_args(stages, tmp_path / "split", "--run.max-steps", "4"))
+    main(tiny_args(stages, tmp_path / "split"))
+    assert train_steps(tmp_path / "split" / "metrics.jsonl").count(4) == 1, "the rerun must resume at step 4"
+    assert sha256(tmp_path / "straight" / "pipeline" / UNET_WEIGHTS) == sha256(tmp_path / "split" / "pipeline" / UNET_WEIGHTS)
+
+    # Frozen stages: the autoencoder file is untouched and the pipeline carries it byte for byte;
+    # the exported text encoder equals the packaged MiniLM.
+    pipe_dir = tmp_path / "straight" / "pipeline"
+    assert sha256(stages[1] / "diffusion_pytorch_model.safetensors") == vae_before
+    assert sha256(pipe_dir / "vae" / "diffusion_pytorch_model.safetensors") == vae_before
+    from text_encoder import load_text_encoder
+
+    fresh = load_text_encoder("minilm")
+    pipe = LatentDiffusionPipeline.from_pretrained(pipe_dir)
+    probe = ["a red disc", ""]
+    assert torch.equal(fresh.encode(probe).hidden, pipe.text_encoder.encode(probe).hidden)
+
+    images = pipe(["a red disc"], steps=2, guidance_scale=3.0, seed=0)
+    assert images[0].size == (32, 32)
+    manifest = json.loads((pipe_dir / "ldm_manifest.json").read_text())
+    assert manifest["unet"]["ema"] is True and manifest["training"]["p_uncond"] == 0.1
+    for name in ("samples.png", "loss_curves.png", "val_curves.png"):
+        assert (tmp_path / "straight" / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_two_processes_cached_sigkill_then_resume_is_bitwise_equal(stages, tmp_path):
+    args = lambda out, *x: accelerate_cmd("launch/train_ldm.py") + tiny_args(
+        stages, out, "--cache-latents", "--cache-text", "--run.max-steps", "8", "--run.checkpoint-every", "3",
+        "--run.lr-schedule", "cosine", *x)
+    straight = run(args(tmp_path / "straight"))
+    assert "weights identical on all 2 processes" in straight.stderr
+    crashed = run(args(tmp_path / "crash", "--run.crash-after-step", "5"), check=False)
+    assert crashed.returncode != 0
+    run(args(tmp_path / "crash"))
+    state = json.loads((tmp_path / "crash" / "checkpoints" / "step_00000008" / "state.json").read_text())
+    assert state["world_size"] == 2
+    manifest = json.loads((tmp_path / "crash" / "cache" / "cache_manifest.json").read_text())
+    assert manifest["built_by_processes"] == 2 and manifest["num_samples"] == 24
+    assert sha256(tmp_path / "straight" / "pipeline" / UNET_WEIGHTS) == sha256(tmp_path / "crash" / "pipeline" / UNET_WEIGHTS)
