@@ -83,13 +83,13 @@ def main(args: list[str] | None = None) -> None:
 
     timings["data"] = _run([py, "launch/prepare_data.py", "--emoji", str(data)], "prepare the emoji set")
     timings["vae"] = _run(
-        [py, "launch/train_vae.py", "--preset", "small", "--data.source", str(data / "train"),
+        [py, "launch/train_vae.py", "--preset", "small", "--data", str(data / "train"),
          "--val-data", str(data / "val"), "--run.output-dir", str(out / "vae"),
          "--run.max-train-minutes", str(vae_min)] + (["--run.max-steps", "20000"] if gpu else []),
         "stage 1: train the autoencoder",
     )
     timings["ldm"] = _run(
-        [py, "launch/train_ldm.py", "--preset", "small", "--data.source", str(data / "train"),
+        [py, "launch/train_ldm.py", "--preset", "small", "--data", str(data / "train"),
          "--val-data", str(data / "val"), "--vae", str(out / "vae" / "model"),
          "--text-encoder", cfg.text_encoder, "--run.output-dir", str(out / "ldm"),
          "--run.max-train-minutes", str(ldm_min)] + (["--run.max-steps", "40000"] if gpu else []),

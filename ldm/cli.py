@@ -166,6 +166,18 @@ def save_config(cfg: Any, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def _expand_data_shorthand(cls: type, args: list[str]) -> None:
+    """``--data SPEC`` means ``--data.source SPEC`` for configs with a ``data`` section (every entry point)."""
+    field = next((f for f in dataclasses.fields(cls) if f.name == "data"), None)
+    if field is None or not dataclasses.is_dataclass(typing.get_type_hints(cls)["data"]):
+        return
+    for i, a in enumerate(args):
+        if a == "--data" and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            args[i] = "--data.source"
+        elif a.startswith("--data="):
+            args[i] = "--data.source=" + a.split("=", 1)[1]
+
+
 def parse_config(
     cls: type[T],
     presets: dict[str, T] | None = None,
@@ -177,6 +189,7 @@ def parse_config(
     args = list(sys.argv[1:] if args is None else args)
     preset_name = _pop_option(args, "--preset") or default_preset
     config_path = _pop_option(args, "--config")
+    _expand_data_shorthand(cls, args)
     if presets and preset_name is not None:
         if preset_name not in presets:
             raise ConfigError(f"unknown preset {preset_name!r}; choose one of {sorted(presets)}")
