@@ -24,6 +24,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from text_encoder import FrozenTextEncoder
 
 from ldm.cli import from_dict
 from ldm.guidance import classifier_free_guidance
@@ -52,7 +53,7 @@ class LatentDiffusionPipeline:
         self,
         unet: UNet2DConditionModel,
         vae: AutoencoderKL,
-        text_encoder: Any,  # text_encoder.FrozenTextEncoder
+        text_encoder: FrozenTextEncoder,
         schedule: NoiseScheduleConfig,
         vae_dir: str | Path,
         default_sampler: str = DEFAULT_SAMPLER,
@@ -77,7 +78,7 @@ class LatentDiffusionPipeline:
         cls,
         unet: UNet2DConditionModel,
         vae_dir: str | Path,
-        text_encoder: Any,
+        text_encoder: FrozenTextEncoder,
         schedule: NoiseScheduleConfig,
         **kwargs: Any,
     ) -> LatentDiffusionPipeline:
@@ -159,9 +160,28 @@ class LatentDiffusionPipeline:
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def __call__(self, prompts: str | Sequence[str], **options: Any) -> list[Image.Image]:
-        """Text to images; the options are ``generate``'s."""
-        return [g.image for g in self.generate(prompts, **options)]
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        steps: int = DEFAULT_STEPS,
+        sampler: str | None = None,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        guidance_rescale: float = 0.0,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int = 8,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Text to images: ``generate`` without the per-image metadata."""
+        items = self.generate(
+            prompts, negative_prompt, num_images_per_prompt, steps, sampler, guidance_scale, guidance_rescale,
+            seed, height, width, batch_size, generator, progress,
+        )  # fmt: skip
+        return [item.image for item in items]
 
     @torch.no_grad()
     def generate(
@@ -236,10 +256,11 @@ class LatentDiffusionPipeline:
     def _encode_uncond(self, negatives: list[str | None]) -> torch.Tensor:
         """Negative prompts where given, else the null embedding the model was trained with."""
         null = self.text_encoder.null_embedding().hidden.to(device=self.device, dtype=self.unet.dtype)
-        if all(n is None for n in negatives):
+        given = [n for n in negatives if n is not None]
+        if not given:
             return null.expand(len(negatives), -1, -1)
-        rows = [null[0] if n is None else self._encode([n])[0] for n in negatives]
-        return torch.stack(rows)
+        encoded = iter(self._encode(given))  # one batched call, as diffusers encodes negatives
+        return torch.stack([null[0] if n is None else next(encoded) for n in negatives])
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -299,7 +320,7 @@ def _with_weights(unet: UNet2DConditionModel, weights: Mapping[str, torch.Tensor
     return out
 
 
-def _check_stages_fit(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: Any) -> None:
+def _check_stages_fit(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: FrozenTextEncoder) -> None:
     width, channels = text_encoder.hidden_size, vae.config.latent_channels
     if unet.config.cross_attention_dim != width:
         raise PipelineMismatchError(

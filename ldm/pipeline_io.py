@@ -24,7 +24,7 @@ import diffusers
 import torch
 import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from text_encoder import check_fingerprint, load_text_encoder
+from text_encoder import FrozenTextEncoder, check_fingerprint, load_text_encoder
 
 from ldm.cli import to_dict
 from ldm.manifest import (
@@ -60,7 +60,7 @@ def load_vae(vae_dir: Path, device: torch.device | str, dtype: torch.dtype) -> A
 
 def load_text_encoder_from(
     folder: Path, manifest: Mapping[str, Any], device: torch.device | str, dtype: torch.dtype
-) -> Any:
+) -> FrozenTextEncoder:
     """The pipeline's own text_encoder/ + tokenizer/, checked against the manifest's fingerprint."""
     info = manifest["text_encoder"]
     encoder = load_text_encoder(f"hf:{folder}", device=device, dtype=dtype, null=info["null_embedding"])
@@ -73,7 +73,7 @@ def write_pipeline(
     *,
     unet: UNet2DConditionModel,
     vae_dir: Path,
-    text_encoder: Any,
+    text_encoder: FrozenTextEncoder,
     schedule: NoiseScheduleConfig,
     default_sampler: str,
     unet_config: UNetConfig | None,
@@ -145,7 +145,7 @@ def _copy_vae(vae_dir: Path, dest: Path) -> dict[str, Any] | None:
     return json.loads(contract.read_text()) if contract.is_file() else None
 
 
-def _model_index(text_encoder: Any, default_sampler: str, schedule: NoiseScheduleConfig) -> dict[str, Any]:
+def _model_index(text_encoder: FrozenTextEncoder, default_sampler: str, schedule: NoiseScheduleConfig) -> dict[str, Any]:
     """What StableDiffusionPipeline.save_pretrained writes for these components (diffusers 0.42)."""
     return {
         "_class_name": "StableDiffusionPipeline",
@@ -162,7 +162,7 @@ def _model_index(text_encoder: Any, default_sampler: str, schedule: NoiseSchedul
     }
 
 
-def _check_export(folder: Path, text_encoder: Any) -> dict[str, Any]:
+def _check_export(folder: Path, text_encoder: FrozenTextEncoder) -> dict[str, Any]:
     """Reload the exported encoder as stock diffusers would see it; it must embed like the original."""
     exported = load_text_encoder(
         f"hf:{folder}", device=text_encoder.device, dtype=text_encoder.dtype, null=text_encoder.config.null
