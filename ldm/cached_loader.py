@@ -42,7 +42,8 @@ def sample_latents(latent_mean: torch.Tensor, latent_std: torch.Tensor, generato
     first) on the generator's device, like `latent_dist.sample()` on the fly; returns [B, C, h, w].
     """
     if latent_mean.shape != latent_std.shape:
-        raise ValueError(f"latent_mean {tuple(latent_mean.shape)} and latent_std {tuple(latent_std.shape)} differ in shape")
+        raise ValueError(f"latent_mean {tuple(latent_mean.shape)} and latent_std {tuple(latent_std.shape)} "
+                         "differ in shape")
     device = generator.device
     mean = latent_mean.to(device, torch.float32)
     eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
@@ -147,7 +148,8 @@ class CachedLatentLoader:
             raise ValueError(f"CachedLatentLoader needs batch_size >= 1 and 0 <= rank < world_size; got "
                              f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
         if len(cache) < world_size:
-            raise ValueError(f"the cache at {cache.path} has {len(cache)} samples, fewer than the {world_size} processes")
+            raise ValueError(f"the cache at {cache.path} has {len(cache)} samples, "
+                             f"fewer than the {world_size} processes")
         self.cache, self.batch_size, self.seed, self.rank, self.world_size = cache, batch_size, seed, rank, world_size
         self.with_text = cache.has_text if with_text is None else with_text
         self.share = len(cache) // world_size  # samples per rank per epoch

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,8 @@ import data
 from ldm.cached_loader import LatentCache
 from text_encoder import FrozenTextEncoder
 from text_encoder.fingerprint import INFORMATIONAL_FIELDS
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "ldm-latent-cache/1"
 MANIFEST_NAME = "cache_manifest.json"
@@ -147,8 +150,8 @@ def _stale_message(where: str, component: str, fields: list[str], built: dict, e
 
     names = ", ".join(repr(f) for f in fields)
     details = "; ".join(f"{f}: cache {value(built, f)!r}, this run {value(expected, f)!r}" for f in fields[:3])
-    noun = "field" if len(fields) == 1 else "fields"
-    return (f"{where} was built with a different {_COMPONENT_NAMES[component]} (fingerprint {noun} {names} "
+    noun = ("fingerprint " if component in ("vae", "text_encoder") else "") + ("field" if len(fields) == 1 else "fields")
+    return (f"{where} was built with a different {_COMPONENT_NAMES[component]} ({noun} {names} "
             f"differ{'s' if len(fields) == 1 else ''}: {details}); {advice}.")
 
 
@@ -156,7 +159,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CacheError(f"cannot read the cache manifest {path} ({e}); delete its folder and rerun to rebuild it.") from e
+        raise CacheError(f"cannot read the cache manifest {path} ({e}); "
+                         "delete its folder and rerun to rebuild it.") from e
 
 
 def open_cache(cache_dir: str | Path, expected: dict[str, Any], *, verify_sha256: bool = True,
@@ -357,7 +361,8 @@ def _write_manifest(cache_dir: Path, key: dict[str, Any], world_size: int, *, fl
         payload = (cache_dir / NULL_TEXT_NAME).read_bytes()
         files[NULL_TEXT_NAME] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
     manifest = {"format": CACHE_FORMAT, "key": key, "num_samples": sum(s["num_samples"] for s in shards),
-                "flip": flip, "crop": "center", "text": key["text_encoder"] is not None, "built_by_processes": world_size,
+                "flip": flip, "crop": "center", "text": key["text_encoder"] is not None,
+                "built_by_processes": world_size,
                 "shards": [{"name": s["name"], "num_samples": s["num_samples"]} for s in shards], "files": files}
     _atomic_write(cache_dir / MANIFEST_NAME, _json_bytes(manifest))
 
@@ -370,6 +375,9 @@ def ensure_cache(data_cfg: data.DataConfig, cache_dir: str | Path, *, vae: Autoe
     """Reuse the cache in `cache_dir` if it matches, build it if it is missing or unfinished, refuse it
     if it is stale (StaleCacheError). Every rank must call it: all see the same folder and decide alike."""
     expected = cache_key(data_cfg, vae_fingerprint, text_fingerprint, dtype)
+    if data_cfg.crop == "random" and rank == 0:
+        logger.warning("--data.crop random is ignored when training from a latent cache: the cache holds "
+                       "centre crops (flips are kept when --data.flip is on).")
     if not cache_is_valid(cache_dir, expected):
         build_cache(data_cfg, cache_dir, vae=vae, vae_fingerprint=vae_fingerprint, text_encoder=text_encoder,
                     text_fingerprint=text_fingerprint, rank=rank, world_size=world_size, barrier=barrier,

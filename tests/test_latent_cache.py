@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import _data_fixtures as fx
 import data
 from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
 from ldm.cached_loader import CachedLatentLoader, sample_latents
@@ -26,7 +27,6 @@ from ldm.latent_cache import (
     ensure_cache,
     open_cache,
 )
-from tests._data_fixtures import make_image_folder
 from text_encoder import load_text_encoder
 
 N_IMAGES = 10
@@ -50,7 +50,7 @@ def text_encoder():
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("images")
-    make_image_folder(root, N_IMAGES, size=(24, 20))
+    fx.make_image_folder(root, N_IMAGES, size=(24, 20))
     return root
 
 
@@ -154,7 +154,8 @@ def test_ranks_get_disjoint_equal_shares(built):
 
 @pytest.mark.parametrize(("component", "change", "words"), [
     ("vae", lambda k: k["vae"].update(weights_sha256="b" * 64), ["different autoencoder", "'weights_sha256'"]),
-    ("text_encoder", lambda k: k["text_encoder"].update(weights_sha256="c" * 64), ["different text encoder", "'weights_sha256'"]),
+    ("text_encoder", lambda k: k["text_encoder"].update(weights_sha256="c" * 64),
+     ["different text encoder", "'weights_sha256'"]),
     ("text_encoder", lambda k: k["text_encoder"].update(max_length=77), ["different text encoder", "'max_length'"]),
     ("data", lambda k: k["data"].update(resolution=32), ["different data spec", "'resolution'"]),
     ("data", lambda k: k["data"].update(flip=False), ["different data spec", "'flip'"]),

@@ -17,7 +17,8 @@ N_IMAGES = 12
 
 @pytest.mark.slow
 def test_two_processes_build_reuse_and_read_disjoint_shares(tmp_path):
-    from tests._tiny_runs import accelerate_cmd, make_captioned_folder, run  # not importable in the launched script
+    # imported here: the launched script runs without tests/ on its path
+    from _tiny_runs import accelerate_cmd, make_captioned_folder, run
 
     images = make_captioned_folder(tmp_path / "images", n=N_IMAGES, size=24)
     out = tmp_path / "result.json"
