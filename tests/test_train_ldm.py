@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests._tiny_runs import accelerate_cmd, make_captioned_folder, make_tiny_autoencoder_folder, run, sha256
+from _tiny_runs import accelerate_cmd, make_captioned_folder, make_tiny_autoencoder_folder, run, sha256
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests._tiny_runs import accelerate_cmd, make_captioned_folder, run, sha256
+from _tiny_runs import accelerate_cmd, make_captioned_folder, run, sha256
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
