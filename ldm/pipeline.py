@@ -83,7 +83,7 @@ class LatentDiffusionPipeline:
         **kwargs: Any,
     ) -> LatentDiffusionPipeline:
         """Compose a pipeline in memory (e.g. in the training script) from a trained autoencoder folder."""
-        vae = load_vae(Path(vae_dir), device=unet.device, dtype=unet.dtype)
+        vae, _ = load_vae(Path(vae_dir), device=unet.device, dtype=unet.dtype)
         return cls(unet, vae, text_encoder, schedule, vae_dir=vae_dir, **kwargs)
 
     @classmethod
@@ -100,7 +100,7 @@ class LatentDiffusionPipeline:
         manifest = read_manifest(folder)
         verify_files(folder, manifest, check_hashes=verify)
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, torch_dtype=dtype)
-        vae = load_vae(folder / "vae", device=device, dtype=dtype)
+        vae, _ = load_vae(folder / "vae", device=device, dtype=dtype)
         text_encoder = load_text_encoder_from(folder, manifest, device=device, dtype=dtype)
         info = manifest["unet"].get("config")
         return cls(

@@ -24,6 +24,8 @@ import diffusers
 import torch
 import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from autoencoder import LatentContract, load_autoencoder
+from autoencoder.folder import read_latent_contract
 from text_encoder import FrozenTextEncoder, check_fingerprint, load_text_encoder
 
 from ldm.cli import to_dict
@@ -31,6 +33,7 @@ from ldm.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     PipelineFolderError,
+    PipelineMismatchError,
     atomic_folder,
     file_digests,
     manifest_id,
@@ -41,21 +44,24 @@ from ldm.samplers import build_sampler
 from ldm.unet import UNetConfig
 
 LATENT_CONTRACT_NAME = "latent_contract.json"  # the autoencoder stage's own file (ARCHITECTURE.md)
-VAE_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # Prompts used to check that the exported text encoder reproduces the training one.
 _EXPORT_PROBES = ["", "a yellow smiling face"]
 
 
-def load_vae(vae_dir: Path, device: torch.device | str, dtype: torch.dtype) -> AutoencoderKL:
-    """The diffusers AutoencoderKL in ``vae_dir``; safetensors only."""
-    for name in ("config.json", VAE_WEIGHTS_NAME):
-        if not (vae_dir / name).is_file():
-            raise PipelineFolderError(
-                f"{vae_dir} has no {name}: expected an autoencoder folder (diffusers AutoencoderKL "
-                "config.json + safetensors) as written by the autoencoder stage"
-            )
-    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=dtype)
-    return vae.to(device).eval()
+def load_vae(vae_dir: Path, device: torch.device | str, dtype: torch.dtype) -> tuple[AutoencoderKL, LatentContract]:
+    """The stage-1 autoencoder (weights verified against its contract) and its latent contract.
+
+    The pipeline decodes ``latents / scaling_factor`` like stock diffusers, which is only right when
+    the latent normalisation is folded into the weights (scaling_factor 1.0, ARCHITECTURE.md).
+    """
+    vae, contract = load_autoencoder(vae_dir)
+    if not contract.folded:
+        raise PipelineMismatchError(
+            f"the autoencoder in {vae_dir} does not have its latent statistics folded into its weights; "
+            "stock diffusers pipelines would decode unnormalised latents. Fold them (fold_latent_statistics) "
+            "when saving stage 1."
+        )
+    return vae.to(device=device, dtype=dtype).eval(), contract
 
 
 def load_text_encoder_from(
@@ -89,7 +95,8 @@ def write_pipeline(
         )
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        contract = _copy_vae(Path(vae_dir), tmp / "vae")
+        _copy_vae(Path(vae_dir), tmp / "vae")
+        contract = read_latent_contract(tmp / "vae")  # the copy, re-verified against its sha256
         text_encoder.export_transformers(tmp)
         build_sampler(default_sampler, schedule).save_pretrained(tmp / "scheduler")
         write_json(tmp / "model_index.json", _model_index(text_encoder, default_sampler, schedule))
@@ -114,7 +121,7 @@ def write_pipeline(
                 "factor": 2 ** (len(vae_config["block_out_channels"]) - 1),
                 "latent_channels": vae_config["latent_channels"],
                 "scaling_factor": vae_config.get("scaling_factor", 1.0),
-                "latent_contract": contract,  # per-channel latent statistics + fingerprint, if present
+                "latent_contract": contract.to_json_dict(),  # latent statistics, weights sha256
             },
             "text_encoder": {
                 "fingerprint": exported_fingerprint,  # what from_pretrained compares against
@@ -130,19 +137,17 @@ def write_pipeline(
     return manifest
 
 
-def _copy_vae(vae_dir: Path, dest: Path) -> dict[str, Any] | None:
-    """Copy the autoencoder folder's JSON and safetensors files unchanged; return its latent contract."""
-    for path in (vae_dir / "config.json", vae_dir / VAE_WEIGHTS_NAME):
-        if not path.is_file():
-            raise PipelineFolderError(
-                f"{vae_dir} has no {path.name}: give the autoencoder folder written by the autoencoder stage"
-            )
+def _copy_vae(vae_dir: Path, dest: Path) -> None:
+    """Copy the stage-1 folder's JSON and safetensors files byte for byte (its contract hashes them)."""
+    if not (vae_dir / LATENT_CONTRACT_NAME).is_file():
+        raise PipelineFolderError(
+            f"{vae_dir} has no {LATENT_CONTRACT_NAME}: give the autoencoder folder written by stage 1 "
+            "(launch/train_vae.py), not a bare diffusers AutoencoderKL folder"
+        )
     dest.mkdir(parents=True)
     for path in sorted(vae_dir.iterdir()):
         if path.is_file() and path.suffix in (".json", ".safetensors"):
             shutil.copy2(path, dest / path.name)
-    contract = dest / LATENT_CONTRACT_NAME
-    return json.loads(contract.read_text()) if contract.is_file() else None
 
 
 def _model_index(text_encoder: FrozenTextEncoder, default_sampler: str, schedule: NoiseScheduleConfig) -> dict[str, Any]:

@@ -162,3 +162,15 @@ def test_stages_that_do_not_fit_are_refused(built):
     wrong = build_unet("tiny", cross_attention_dim=48)
     with pytest.raises(PipelineMismatchError, match="width 48 but the text encoder outputs width 32"):
         LatentDiffusionPipeline(wrong, pipe.vae, pipe.text_encoder, pipe.schedule, vae_dir=pipe.vae_dir)
+
+
+def test_autoencoder_without_folded_statistics_is_refused(built, tmp_path):
+    from autoencoder import AUTOENCODER_PRESETS, LatentContract, build_autoencoder, save_autoencoder
+
+    pipe = built[0]
+    cfg = AUTOENCODER_PRESETS["tiny"]
+    contract = LatentContract(latent_mean=(0.1,) * 4, latent_std=(2.0,) * 4, folded=False, autoencoder_config=cfg,
+                              num_values=1)  # fmt: skip
+    save_autoencoder(build_autoencoder(cfg), contract, tmp_path / "unfolded")
+    with pytest.raises(PipelineMismatchError, match="not have its latent statistics folded"):
+        LatentDiffusionPipeline.from_parts(pipe.unet, tmp_path / "unfolded", pipe.text_encoder, pipe.schedule)

@@ -3,12 +3,11 @@ pipeline built from them; used by the pipeline, generate and stock-diffusers tes
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from autoencoder import AUTOENCODER_PRESETS, LatentContract, build_autoencoder, save_autoencoder
 from transformers import BertConfig, BertModel, BertTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -67,18 +66,14 @@ def tiny_bert_dir(root: Path) -> Path:
 
 
 def tiny_vae_dir(root: Path) -> Path:
-    """An f2 AutoencoderKL folder with a stand-in latent_contract.json (the real one is stage 1's)."""
-    out = root / "vae"
+    """Stage 1's ``tiny`` autoencoder (f2) saved by stage 1's own code, statistics folded (identity)."""
+    cfg = AUTOENCODER_PRESETS["tiny"]
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-        sample_size=16, scaling_factor=1.0,
-    )  # fmt: skip
-    vae.save_pretrained(out, safe_serialization=True)
-    contract = {"latent_mean": [0.0] * 4, "latent_std": [1.0] * 4, "downsample_factor": 2, "latent_channels": 4}
-    (out / "latent_contract.json").write_text(json.dumps(contract))
-    return out
+    contract = LatentContract(
+        latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4, folded=True, autoencoder_config=cfg, num_values=1
+    )
+    save_autoencoder(build_autoencoder(cfg), contract, root / "vae")
+    return root / "vae"
 
 
 def tiny_pipeline(
