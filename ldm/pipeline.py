@@ -141,6 +141,8 @@ class LatentDiffusionPipeline:
             ema=ema_weights is not None,
             overwrite=overwrite,
         )
+        if ema_weights is None:  # the folder now holds exactly this pipeline: images can cite its id
+            self.manifest = manifest
         return manifest["manifest_id"]
 
     # -- properties -----------------------------------------------------------------------------

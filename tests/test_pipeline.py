@@ -54,7 +54,7 @@ def test_folder_layout_and_manifest(built):
 def test_saved_then_loaded_gives_the_same_images(built):
     pipe, root, manifest_id = built
     loaded = LatentDiffusionPipeline.from_pretrained(root / "saved")
-    assert loaded.manifest_id == manifest_id and loaded.default_sampler == pipe.default_sampler
+    assert loaded.manifest_id == pipe.manifest_id == manifest_id and loaded.default_sampler == pipe.default_sampler
     kw = dict(num_images_per_prompt=2, steps=4, guidance_scale=5.0, seed=3)
     assert np.array_equal(_pixels(pipe(PROMPTS, **kw)), _pixels(loaded(PROMPTS, **kw)))
 
