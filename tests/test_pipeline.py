@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -174,3 +175,21 @@ def test_autoencoder_without_folded_statistics_is_refused(built, tmp_path):
     save_autoencoder(build_autoencoder(cfg), contract, tmp_path / "unfolded")
     with pytest.raises(PipelineMismatchError, match="not have its latent statistics folded"):
         LatentDiffusionPipeline.from_parts(pipe.unet, tmp_path / "unfolded", pipe.text_encoder, pipe.schedule)
+
+
+def test_sampler_benchmark_runs(built, capsys, monkeypatch):
+    """benchmarks/samplers.py prints one row per sampler and step count (smoke test, no timings asserted)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "samplers.py"
+    spec = importlib.util.spec_from_file_location("sampler_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    _, root, _ = built
+    bench.main(["--model", str(root / "saved"), "--reference-steps", "12", "--steps", "2", "4",
+                "--samplers", "ddim", "dpmpp_2m", "--num-images", "1", "--prompts", "a face"])  # fmt: skip
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("ddim ", "dpmpp_2m "))]
+    assert [(r[0], r[1]) for r in rows] == [("ddim", "2"), ("ddim", "4"), ("dpmpp_2m", "2"), ("dpmpp_2m", "4")]
+    assert all(float(r[3]) >= 0 for r in rows)
