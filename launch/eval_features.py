@@ -104,10 +104,12 @@ def inception_space(weights: str, device: torch.device | str, allow_pickle: bool
     if not path.is_file():
         if weights != "auto":
             raise FileNotFoundError(f"--inception-weights {path}: no such file")
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
         raise FeatureUnavailable(
             f"the FID Inception weights are not on this machine (expected {path}) and cannot be downloaded "
-            f"here; on a machine with internet, torch-fidelity fetches {INCEPTION_FILE} into that folder: "
-            "copy it here or pass --inception-weights FILE"
+            f"here; on a machine with internet download {URL_INCEPTION_V3} and copy it to {path}, "
+            "or pass --inception-weights FILE"
         )
     sha = sha256_file(path)
     standard = sha.startswith(INCEPTION_SHA256_PREFIX)
@@ -175,8 +177,9 @@ def vae_space(folder: Path, device: torch.device | str) -> FeatureSpace:
         f"[{mid_channels}] + posterior mean average-pooled to {LATENT_GRID}x{LATENT_GRID} "
         f"[{dim - mid_channels}], {dim}-d"
     )
-    note = "Fréchet distance in our autoencoder's features: comparable only between evaluations with this same autoencoder"
-    return FeatureSpace("vae", description, dim, encode, {"folder": str(folder), "sha256": contract.weights_sha256}, [note])
+    note = "Fréchet distance in our autoencoder's features: comparable only between evaluations with this autoencoder"
+    weights = {"folder": str(folder), "sha256": contract.weights_sha256}
+    return FeatureSpace("vae", description, dim, encode, weights, [note])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +231,7 @@ def _resolve_openclip(spec: str, allow_pickle: bool) -> tuple[str, Path, dict[st
     if cfg.backend != "openclip":
         raise ValueError(f"{spec!r}: expected an open_clip spec, e.g. openclip:ViT-B-32@laion2b_s34b_b79k")
     if cfg.name.startswith("hf-hub:"):
-        raise ValueError(f"{spec!r}: hf-hub: folders are not read here; download the folder and use openclip:local-dir:DIR")
+        raise ValueError(f"{spec!r}: hf-hub: is not read here; download the folder and use openclip:local-dir:DIR")
     if cfg.name.startswith("local-dir:"):
         folder = Path(cfg.name[len("local-dir:") :]).expanduser()
         weights = _weights_in_folder(folder)

@@ -51,11 +51,13 @@ class _Accumulator:
         for store, images in ((self.real, x), (self.fake, recon)):
             for name, feats in encode_all(self.spaces, to_uint8(images)).items():
                 store[name].append(feats)
-        if len(self.shown) < GRID_IMAGES:
-            self.shown.append((x[: GRID_IMAGES - len(self.shown)].cpu(), recon[: GRID_IMAGES - len(self.shown)].cpu()))
+        room = GRID_IMAGES - sum(len(inputs) for inputs, _ in self.shown)
+        if room > 0:
+            self.shown.append((x[:room].cpu(), recon[:room].cpu()))
 
     def gathered(self, acc, metric_names: list[str]):
-        per_image = {k: gather_rows(acc, torch.cat(self.per_image.get(k, [torch.empty(0)]))).cpu() for k in metric_names}
+        per_image = {k: gather_rows(acc, torch.cat(self.per_image.get(k, [torch.empty(0)]))).cpu()
+                     for k in metric_names}  # fmt: skip
         real = {n: gather_rows(acc, cat_rows(p, self.spaces[n].dim)).cpu() for n, p in self.real.items()}
         fake = {n: gather_rows(acc, cat_rows(p, self.spaces[n].dim)).cpu() for n, p in self.fake.items()}
         return per_image, real, fake
@@ -83,12 +85,14 @@ def evaluate_autoencoder(cfg: Any, acc, spaces: dict[str, FeatureSpace], labels:
             break
     names = ["psnr", "ssim"] + (["lpips"] if perceptual is not None else [])
     per_image, real, fake = acc_rank.gathered(acc, names)
-    row: dict[str, Any] = {"num_images": len(per_image["psnr"]), **compare_sets(real, fake, cfg.kid_subsets,
-                                                                                cfg.kid_subset_size, cfg.seed)}  # fmt: skip
+    if not acc.is_main_process:
+        return {}  # the main process computes the metrics on the gathered values
+    distances = compare_sets(real, fake, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+    row: dict[str, Any] = {"num_images": len(per_image["psnr"]), **distances}
     for key in names:
         row[key] = _mean(per_image[key])
     row["lpips"] = row.get("lpips", lpips_skip)
-    if acc.is_main_process and acc_rank.shown:
+    if acc_rank.shown:
         inputs, recons = (torch.cat(t) for t in zip(*acc_rank.shown))
         row["grid"] = "reconstructions.png"
         reconstruction_grid(inputs, recons).save(Path(cfg.out) / row["grid"])

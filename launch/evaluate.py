@@ -6,15 +6,15 @@
 
 Every process generates (or reconstructs) its own block of images and encodes it; the features
 are gathered and the main process computes the metrics and writes ``OUT/metrics.json``,
-``OUT/guidance_tradeoff.png`` (FID vs CLIP score) and one sample grid per guidance scale. Image k uses seed ``--seed + k``
-at every guidance scale, so the scales differ only in guidance. A metric whose weights are not on
-this machine (Inception, CLIP, LPIPS offline) is reported as {"skipped": reason}; the rest is
-computed and the command exits 0. The feature spaces are described in launch/eval_features.py.
+``OUT/guidance_tradeoff.png`` (FID vs CLIP score) and one sample grid per guidance scale. Image k
+uses seed ``--seed + k`` at every guidance scale, so the scales differ only in guidance. A metric
+whose weights are not on this machine (Inception, CLIP, LPIPS offline) is reported as
+{"skipped": reason}; the rest is computed and the command exits 0. The feature spaces are
+described in launch/eval_features.py, the report format in launch/eval_report.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -185,8 +185,8 @@ def generate_and_encode(cfg, acc, pipe, scale: float, prompts: list[str], first:
     bar = tqdm(total=len(prompts), desc=f"guidance {scale:g}", disable=not acc.is_local_main_process)
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
-        out = pipe.generate(chunk, steps=cfg.steps, sampler=cfg.sampler, guidance_scale=scale,
-                            seed=cfg.seed + first + start, batch_size=cfg.batch_size, height=size, width=size)  # fmt: skip
+        out = pipe.generate(chunk, steps=cfg.steps, sampler=cfg.sampler, guidance_scale=scale, height=size,
+                            width=size, seed=cfg.seed + first + start, batch_size=cfg.batch_size)  # fmt: skip
         images = pil_to_uint8([g.image for g in out])
         for name, feats in encode_all(spaces, images).items():
             parts[name].append(feats)
@@ -218,8 +218,10 @@ def score_scale(cfg, scale: float, real, fake, scores, labels, clip_label, secon
 
 def evaluate_pipeline(cfg: EvaluateConfig, acc) -> dict[str, Any]:
     from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.samplers import build_sampler
 
     pipe = LatentDiffusionPipeline.from_pretrained(cfg.model, device=acc.device)
+    build_sampler(cfg.sampler or pipe.default_sampler, pipe.schedule)  # an unknown name fails before any work
     size = cfg.resolution or pipe.unet.config.sample_size * pipe.factor
     clip, clip_label = load_clip(cfg.clip, acc.device, cfg.allow_pickle_weights)
     spaces, labels = build_spaces(cfg, acc.device, Path(cfg.model) / "vae", clip)
@@ -228,8 +230,10 @@ def evaluate_pipeline(cfg: EvaluateConfig, acc) -> dict[str, Any]:
     for scale in cfg.guidance:
         t0 = time.time()
         fake, scores, shown = generate_and_encode(cfg, acc, pipe, scale, prompts, first, spaces, clip, size)
+        if not acc.is_main_process:
+            continue  # the features are gathered; the main process computes the metrics
         row = score_scale(cfg, scale, real["features"], fake, scores, labels, clip_label, time.time() - t0)
-        if acc.is_main_process and shown:
+        if shown:
             row["grid"] = f"samples_guidance_{scale:g}.png"
             labelled_grid(shown, prompts[: len(shown)], ncol=min(8, len(shown))).save(Path(cfg.out) / row["grid"])
         results.append(row)

@@ -9,6 +9,7 @@ gives torchmetrics' own FID.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 from unittest import mock
@@ -107,6 +108,7 @@ def stages(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory) -> Path:
+    pytest.importorskip("torch_fidelity", reason="torchmetrics' Inception needs torch-fidelity")
     path = tmp_path_factory.mktemp("inception") / "inception_random.safetensors"
     save_file(random_inception_state(), str(path))
     return path
@@ -158,8 +160,11 @@ def test_offline_every_unavailable_metric_is_skipped_with_its_reason(stages, tmp
     main(common_args(stages, tmp_path / "eval") + ["--captions", str(captions), "--guidance", "1", "2"])
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     skipped = report["skipped"]
-    assert "weights-inception-2015-12-05-6726825d.pth" in skipped["fid/kid [inception]"]
-    assert str(tmp_path / "empty_torch_home") in skipped["fid/kid [inception]"]
+    if importlib.util.find_spec("torch_fidelity") is None:
+        assert "torch-fidelity is not installed" in skipped["fid/kid [inception]"]
+    else:
+        assert "weights-inception-2015-12-05-6726825d.pth" in skipped["fid/kid [inception]"]
+        assert str(tmp_path / "empty_torch_home") in skipped["fid/kid [inception]"]
     assert "Hugging Face cache" in skipped["clip_score"] and "ViT-B-32" in skipped["clip_score"]
     assert "--data" in skipped["real_images"]
     assert "openclip" not in report["feature_spaces"]  # not asked for: not reported
@@ -183,8 +188,9 @@ def test_vae_distance_against_other_reals_is_plotted_against_guidance(stages, tm
 
 def test_inception_route_equals_torchmetrics_fid_on_images(inception_file):
     """Our route (features -> gather -> FID on features) gives what torchmetrics' stock metric gives,
-    identical sets give about 0, and the report notes that these are not the published weights."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+    and the report notes that these are not the published weights. (Each 2048-d FID costs a ~4 s
+    eigendecomposition here, so the identical-sets check is left to the smaller spaces above.)"""
+    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
     from safetensors.torch import load_file
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -201,7 +207,6 @@ def test_inception_route_equals_torchmetrics_fid_on_images(inception_file):
     stock.update(fake, real=False)
     ours = frechet_distance(real_features, fake_features)
     assert ours == pytest.approx(float(stock.compute()), rel=1e-4) and ours > 1e-3
-    assert abs(frechet_distance(real_features, real_features.clone())) < 1e-6 * ours
     assert not space.weights["published_fid_weights"] and "not the published" in space.notes[0]
 
 
@@ -213,8 +218,9 @@ def test_autoencoder_reconstruction_report(stages, tmp_path):
     torch.manual_seed(0)
     trunk = tmp_path / "vgg16_random.pth"  # LPIPS reads only the `features.*` part of torchvision's VGG16
     torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, trunk)
-    main(["--autoencoder", str(stages["vae"]), "--data", str(stages["images"]), "--num-images", "6",
-          "--inception-weights", "none", "--lpips-weights", str(trunk), "--kid-subsets", "5", "--out", str(tmp_path)])  # fmt: skip
+    main(["--autoencoder", str(stages["vae"]), "--data", str(stages["images"]), "--num-images", "6", "--batch-size", "4",
+          "--inception-weights", "none", "--lpips-weights", str(trunk), "--kid-subsets", "5",
+          "--out", str(tmp_path)])  # fmt: skip
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["task"] == "autoencoder" and report["num_real"] == 6 and report["skipped"] == {}
     (row,) = report["results"]
