@@ -10,6 +10,7 @@ would hang).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -82,9 +83,11 @@ def kernel_distance(
     size = min(subset_size, len(real), len(fake))
     if size < MIN_IMAGES:
         return skipped(f"needs at least {MIN_IMAGES} real and generated images, got {len(real)} and {len(fake)}")
-    metric = KernelInceptionDistance(
-        feature=PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=size, sync_on_compute=False
-    )
+    with warnings.catch_warnings():  # "will save all extracted features in buffer": that is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(
+            feature=PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=size, sync_on_compute=False
+        )
     metric.update(real.cpu().double(), real=True)
     metric.update(fake.cpu().double(), real=False)
     with torch.random.fork_rng(devices=[]):
