@@ -33,7 +33,7 @@ from text_encoder import parse_spec
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 """torch-fidelity's FID Inception weights, as torch.hub caches them; the name ends in a sha256 prefix."""
-INCEPTION_SHA256_PREFIX = "6726825d"
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 LATENT_GRID = 4
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 """Side of the grid the vae space average-pools the posterior mean to (keeps coarse layout)."""
@@ -112,12 +112,13 @@ def inception_space(weights: str, device: torch.device | str, allow_pickle: bool
             "or pass --inception-weights FILE"
         )
     sha = sha256_file(path)
-    standard = sha.startswith(INCEPTION_SHA256_PREFIX)
-    if not standard:
+    standard = sha == INCEPTION_SHA256
+    if not standard and weights != "auto":  # the cache file is what torch-fidelity itself would load
         _check_pickle(path, allow_pickle, "--inception-weights")
     net = _build_inception(_read_state(path)).to(device)
     notes = [] if standard else [
-        f"{path.name} is not the published FID Inception file (sha256 {sha[:12]}...): these FID/KID numbers "
+        f"{path.name} is not the published FID Inception file (sha256 {sha[:12]}..., expected "
+        f"{INCEPTION_SHA256[:12]}...): these FID/KID numbers "
         "are not comparable with published ones (and meaningless if the weights are random, as in tests)"
     ]  # fmt: skip
     return FeatureSpace(
