@@ -11,6 +11,7 @@ sees a half-written folder under the final name. ``latent_contract.json`` is wri
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -55,7 +56,7 @@ def _write_folder(vae: AutoencoderKL, contract: LatentContract, tmp: Path) -> La
     weights = sorted(p for p in tmp.iterdir() if p.suffix == ".safetensors")
     if not weights:
         raise RuntimeError(f"save_pretrained wrote no .safetensors file into {tmp}")
-    contract = LatentContract(**{**contract.__dict__, "weights_sha256": {p.name: sha256_file(p) for p in weights}})
+    contract = dataclasses.replace(contract, weights_sha256={p.name: sha256_file(p) for p in weights})
     (tmp / CONTRACT_FILE).write_text(json.dumps(contract.to_json_dict(), indent=2) + "\n", encoding="utf-8")
     _fsync_tree(tmp)
     return contract

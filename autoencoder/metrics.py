@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from autoencoder.perceptual import PerceptualLoss
+from autoencoder.perceptual import PerceptualLoss, build_perceptual_loss, perceptual_weights_available
 
 
 def _to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -44,3 +44,12 @@ def reconstruction_metrics(
         with torch.no_grad():
             out["lpips"] = perceptual(images.float().clamp(-1, 1), reference.float()).float()
     return out
+
+
+def lpips_metric_if_available(net: str = "alex") -> PerceptualLoss | None:
+    """LPIPS for evaluation (AlexNet trunk, the LPIPS paper's default metric), or None offline.
+
+    Unlike the perceptual *loss*, which raises when asked for without weights, a metric is optional:
+    validation reports PSNR/SSIM and leaves LPIPS out when the trunk weights are not on disk.
+    """
+    return build_perceptual_loss(net) if perceptual_weights_available(net) else None

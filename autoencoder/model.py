@@ -41,6 +41,10 @@ class AutoencoderConfig:
     in_channels: int = 3
     # Training resolution; diffusers uses it only to pick tile sizes for tiled encode/decode.
     sample_size: int = 256
+    # None keeps diffusers' initialisation, where the posterior noise (std ~0.9) swamps the spread
+    # of the posterior means (~0.2) and the decoder first sees mostly noise. A number v starts the
+    # encoder nearly deterministic: logvar = v everywhere (std = exp(v / 2)). Short runs need it.
+    posterior_logvar_init: float | None = None
 
     def __post_init__(self) -> None:
         # Tuples survive a JSON round trip as lists; store them as tuples so configs compare equal.
@@ -109,7 +113,7 @@ def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
     stock pipelines then apply no second normalisation.
     """
     n = len(cfg.block_out_channels)
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=cfg.in_channels,
         out_channels=cfg.in_channels,
         down_block_types=("DownEncoderBlock2D",) * n,
@@ -125,6 +129,12 @@ def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
         use_quant_conv=True,
         use_post_quant_conv=True,
     )
+    if cfg.posterior_logvar_init is not None:
+        with torch.no_grad():
+            # quant_conv's output rows [C:2C] are the posterior log-variance (DiagonalGaussianDistribution).
+            vae.quant_conv.weight[cfg.latent_channels :].zero_()
+            vae.quant_conv.bias[cfg.latent_channels :].fill_(cfg.posterior_logvar_init)
+    return vae
 
 
 def decoder_last_layer(vae: AutoencoderKL) -> nn.Parameter:

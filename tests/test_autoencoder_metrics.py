@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from autoencoder.metrics import psnr, reconstruction_metrics, ssim
+from autoencoder.metrics import lpips_metric_if_available, psnr, reconstruction_metrics, ssim
 
 
 def test_psnr_of_a_known_error():
@@ -39,3 +39,8 @@ def test_reconstruction_metrics_are_per_image():
     assert set(out) == {"psnr", "ssim"} and all(v.shape == (4,) for v in out.values())
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
         psnr(x[0], x[0])
+
+
+def test_lpips_metric_is_left_out_when_its_weights_are_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert lpips_metric_if_available() is None

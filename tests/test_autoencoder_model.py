@@ -86,3 +86,15 @@ def test_forward_returns_reconstruction_and_posterior_and_is_reproducible():
     with torch.no_grad():
         assert torch.allclose(mode, model.vae(x).sample)
     assert isinstance(model.vae, AutoencoderKL)
+
+
+def test_posterior_logvar_init_starts_the_encoder_nearly_deterministic():
+    import dataclasses
+
+    cfg = dataclasses.replace(AUTOENCODER_PRESETS["tiny"], posterior_logvar_init=-6.0)
+    with torch.no_grad():
+        posterior = build_autoencoder(cfg).encode(torch.rand(2, 3, 32, 32) * 2 - 1).latent_dist
+        default = build_autoencoder(AUTOENCODER_PRESETS["tiny"]).encode(torch.zeros(1, 3, 32, 32)).latent_dist
+    assert torch.equal(posterior.logvar, torch.full_like(posterior.logvar, -6.0))
+    assert posterior.mean.std() > 0  # the mean half is untouched
+    assert default.logvar.std() > 0
