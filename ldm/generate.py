@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ldm.cli import ConfigError, parse_config, save_config
 from ldm.manifest import PipelineFolderError
 from ldm.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, GeneratedImage, LatentDiffusionPipeline
-from ldm.samplers import SAMPLERS
+from ldm.samplers import SAMPLERS, build_sampler
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -116,6 +116,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     pipe = LatentDiffusionPipeline.from_pretrained(cfg.model, device=device, dtype=dtype, verify=cfg.verify)
     sampler = cfg.sampler or pipe.default_sampler
+    build_sampler(sampler, pipe.schedule)  # e.g. heun on a zero-SNR model: refuse before any output
     cfg.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out / "generate_config.json")
     # Image k (prompt-major order) uses seed + k whatever the batching, so a batch of consecutive

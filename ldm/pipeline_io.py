@@ -61,7 +61,10 @@ def load_vae(vae_dir: Path, device: torch.device | str, dtype: torch.dtype) -> t
             "stock diffusers pipelines would decode unnormalised latents. Fold them (fold_latent_statistics) "
             "when saving stage 1."
         )
-    return vae.to(device=device, dtype=dtype).eval(), contract
+    vae = vae.to(device)
+    if vae.dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
+        vae = vae.to(dtype=dtype)
+    return vae.eval(), contract
 
 
 def load_text_encoder_from(
