@@ -143,18 +143,30 @@ class StepGuard:
     def __init__(self, accelerator, run: RunConfig, preemption: PreemptionFlag):
         self.accelerator = accelerator
         self.preemption = preemption
+        self.deadline = math.inf  # wall-clock end of the training-time budget
+        self.time_up = False  # set by check(), identical on every rank
         self.max_skipped = run.max_skipped_steps
         self.recent_skips: deque[int] = deque()
         self.window = run.skip_window
         self.total_skipped = 0
 
+    def start_clock(self, run: RunConfig, train_seconds_so_far: float) -> None:
+        """Arm the ``max_train_minutes`` budget (training time carries over resumes)."""
+        if run.max_train_minutes > 0:
+            self.deadline = time.time() + run.max_train_minutes * 60 - train_seconds_so_far
+
     def check(self, grad_norm: torch.Tensor | None, step: int) -> tuple[bool, bool]:
-        """Return (apply_this_step, stop_now). Call after clipping, before ``optimizer.step``."""
+        """Return (apply_this_step, stop_now). Call after clipping, before ``optimizer.step``.
+
+        Also agrees on whether the time budget is spent (``self.time_up``): clocks differ between
+        processes, and one rank ending the loop a step early would deadlock the others.
+        """
         device = self.accelerator.device
         bad = torch.zeros((), device=device) if grad_norm is None else (~torch.isfinite(grad_norm)).float()
-        flags = torch.stack([bad.to(device), torch.tensor(float(self.preemption.raised), device=device)])
+        local = [float(self.preemption.raised), float(time.time() >= self.deadline)]
+        flags = torch.cat([bad.reshape(1).to(device), torch.tensor(local, device=device)])
         flags = self.accelerator.reduce(flags, reduction="sum")
-        skip, stop = (bool(v > 0) for v in flags.tolist())
+        skip, stop, self.time_up = (bool(v > 0) for v in flags.tolist())
         if skip:
             self._count_skip(step)
         return not skip, stop
@@ -271,8 +283,20 @@ def run_finished(folder: Path, run: RunConfig) -> bool:
     return run.max_train_minutes > 0 and done["train_seconds"] >= run.max_train_minutes * 60
 
 
-def out_of_time(run: RunConfig, train_seconds: float) -> bool:
-    return run.max_train_minutes > 0 and train_seconds >= run.max_train_minutes * 60
+def end_of_step(ckpt, state, run: RunConfig, accelerator, stop: bool, last: bool) -> None:
+    """Checkpoint on schedule, at the end, or when preempted; then the resume tests' fault injection."""
+    if stop or last or state.step % run.checkpoint_every == 0:
+        ckpt.save(state)
+    maybe_crash(run, state.step, accelerator)
+
+
+def end_of_loop(accelerator, module: torch.nn.Module, what: str, guard: StepGuard, logger, step: int, stop: bool) -> None:
+    """Check the ranks agree; when preempted, say how to resume and exit non-zero (128 + SIGTERM)."""
+    check_ranks_in_sync(accelerator, module, what)
+    if stop:
+        accelerator.print(f"stopped by {guard.preemption.signal_name} at step {step}; rerun the same command to resume")
+        logger.close()
+        raise SystemExit(143)
 
 
 @torch.no_grad()

@@ -27,8 +27,8 @@ from launch import ldm_steps
 from launch.checkpoint import CheckpointManager, TrainState
 from launch.runtime import (
     EMA, GradScalerState, MetricsLogger, PreemptionFlag, RunConfig, StepGuard, accumulate_logs, make_generators,
-    make_lr_schedule, mark_finished, maybe_crash, out_of_time, progress_bar, reduce_logs, run_finished,
-    setup_accelerator, check_ranks_in_sync,
+    end_of_loop, end_of_step, make_lr_schedule, mark_finished, progress_bar, reduce_logs, run_finished,
+    setup_accelerator,
 )
 from ldm.cli import parse_config, save_config, to_dict
 from ldm.conditioning import DEFAULT_P_UNCOND
@@ -139,6 +139,7 @@ def train(cfg: TrainLDMConfig) -> Path:
 
     guard = StepGuard(acc, run, PreemptionFlag())
     guard.total_skipped = state.counters["skipped"]
+    guard.start_clock(run, state.counters["train_seconds"])
     logger = MetricsLogger(acc, out, run.report_to, out.name, to_dict(cfg))
     evaluator = ldm_steps.Evaluator(cfg, acc, vae, text_encoder, objective, out, cfg.unet)
     bar = progress_bar(acc, state.step, run.max_steps, "stage 3: UNet")
@@ -158,7 +159,7 @@ def train(cfg: TrainLDMConfig) -> Path:
         state.counters["train_seconds"] = int(time.time() - t0)
         bar.update(1)
         accumulate_logs(sums, logs)
-        last = state.step >= run.max_steps or out_of_time(run, time.time() - t0)
+        last = state.step >= run.max_steps or guard.time_up
         if state.step % run.log_every == 0 or last:
             speed = (state.step - step0) * run.batch_size * run.grad_accum_steps * acc.num_processes / (time.time() - t_start)
             row = reduce_logs(acc, sums, lr=sched.get_last_lr()[0], images_per_s=speed, skipped_steps=guard.total_skipped)
@@ -171,17 +172,11 @@ def train(cfg: TrainLDMConfig) -> Path:
                 bar.write(f"step {state.step}: held-out loss {scores['val_loss']:.4f}")
         if state.step % cfg.sample_every == 0 or last:
             evaluator.sample_grid(unet, ema, state.step)
-        if stop or last or state.step % run.checkpoint_every == 0:
-            ckpt.save(state)
-        maybe_crash(run, state.step, acc)
+        end_of_step(ckpt, state, run, acc, stop, last)
         if last:
             break
     bar.close()
-    check_ranks_in_sync(acc, acc.unwrap_model(unet), "UNet")
-    if stop:
-        acc.print(f"stopped by {guard.preemption.signal_name} at step {state.step}; rerun the same command to resume")
-        logger.close()
-        sys.exit(143)
+    end_of_loop(acc, acc.unwrap_model(unet), "UNet", guard, logger, state.step, stop)
 
     folder = ldm_steps.export(cfg, acc, unet, ema, evaluator, out, to_dict(cfg))
     if acc.is_main_process:

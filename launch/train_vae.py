@@ -39,12 +39,11 @@ from launch.runtime import (
     StepGuard,
     make_generators,
     make_lr_schedule,
-    maybe_crash,
-    out_of_time,
+    end_of_loop,
+    end_of_step,
     progress_bar,
     run_finished,
     setup_accelerator,
-    check_ranks_in_sync,
 )
 from ldm.cli import parse_config, save_config
 
@@ -126,6 +125,7 @@ def train(cfg: TrainVAEConfig) -> Path:
 
     guard = StepGuard(acc, run, PreemptionFlag())
     guard.total_skipped = state.counters["skipped"]
+    guard.start_clock(run, state.counters["train_seconds"])
     logger = MetricsLogger(acc, out, run.report_to, out.name, {"model": cfg.model.to_dict()})
     val = vae_steps.Validator(cfg, acc, out) if cfg.val_data else None
     bar = progress_bar(acc, state.step, run.max_steps, "stage 1: autoencoder")
@@ -148,7 +148,7 @@ def train(cfg: TrainVAEConfig) -> Path:
         state.counters["train_seconds"] = int(time.time() - t0)
         bar.update(1)
         accumulate_logs(sums, logs)
-        last = state.step >= run.max_steps or out_of_time(run, time.time() - t0)
+        last = state.step >= run.max_steps or guard.time_up
         if state.step % run.log_every == 0 or last:
             speed = (state.step - step0) * run.batch_size * run.grad_accum_steps * acc.num_processes / (time.time() - t_start)
             row = reduce_logs(acc, sums, lr=sched_g.get_last_lr()[0], images_per_s=speed,
@@ -160,17 +160,11 @@ def train(cfg: TrainVAEConfig) -> Path:
             logger.log(state.step, scores, kind="val")
             if scores:
                 bar.write(f"step {state.step}: validation {vae_steps.describe(scores)}")
-        if stop or last or state.step % run.checkpoint_every == 0:
-            ckpt.save(state)
-        maybe_crash(run, state.step, acc)
+        end_of_step(ckpt, state, run, acc, stop, last)
         if last:
             break
     bar.close()
-    check_ranks_in_sync(acc, acc.unwrap_model(model), "autoencoder")
-    if stop:
-        acc.print(f"stopped by {guard.preemption.signal_name} at step {state.step}; rerun the same command to resume")
-        logger.close()
-        sys.exit(143)
+    end_of_loop(acc, acc.unwrap_model(model), "autoencoder", guard, logger, state.step, stop)
 
     model_dir = vae_steps.export(cfg, acc, model, ema, out, state.step, state.counters["train_seconds"])
     if acc.is_main_process:

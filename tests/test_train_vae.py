@@ -66,3 +66,15 @@ def test_two_processes_sigkill_between_checkpoints_then_resume_is_bitwise_equal(
     state = json.loads((tmp_path / "crash" / "checkpoints" / "step_00000008" / "state.json").read_text())
     assert state["world_size"] == 2, "must really run two processes (accelerate --cpu + --multi_gpu)"
     assert sha256(tmp_path / "straight" / "model" / WEIGHTS) == sha256(tmp_path / "crash" / "model" / WEIGHTS)
+
+
+def test_time_budget_ends_the_run_with_an_export_and_a_rerun_does_nothing(images, tmp_path):
+    from launch.train_vae import main
+
+    args = tiny_args(images, tmp_path / "budget", "--run.max-steps", "1000", "--run.max-train-minutes", "0.0001")
+    main(args)
+    done = json.loads((tmp_path / "budget" / "model" / "finished.json").read_text())
+    assert 1 <= done["step"] < 1000
+    before = (tmp_path / "budget" / "metrics.jsonl").read_text()
+    main(args)
+    assert (tmp_path / "budget" / "metrics.jsonl").read_text() == before
