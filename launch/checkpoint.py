@@ -75,7 +75,7 @@ class TrainState:
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # this rank's streams
     per_rank: dict[str, JSONStateful] = field(default_factory=dict)  # the data loader position
     step: int = 0
-    counters: dict[str, int] = field(default_factory=dict)  # e.g. skipped non-finite steps
+    counters: dict[str, float] = field(default_factory=dict)  # skipped steps, training seconds
 
 
 # ---------------------------------------------------------------------------------------------

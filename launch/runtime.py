@@ -264,7 +264,7 @@ class GradScalerState:
 FINISHED_MARKER = "finished.json"
 
 
-def mark_finished(folder: Path, step: int, train_seconds: int) -> None:
+def mark_finished(folder: Path, step: int, train_seconds: float) -> None:
     """Written last into a run's exported model: its presence means the export is complete."""
     _atomic_json(Path(folder) / FINISHED_MARKER, {"step": step, "train_seconds": train_seconds})
 

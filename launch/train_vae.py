@@ -145,7 +145,7 @@ def train(cfg: TrainVAEConfig) -> Path:
                 ema.update(raw)
         state.counters["skipped"] = guard.total_skipped
         state.step += 1
-        state.counters["train_seconds"] = int(time.time() - t0)
+        state.counters["train_seconds"] = round(time.time() - t0, 3)
         bar.update(1)
         accumulate_logs(sums, logs)
         last = state.step >= run.max_steps or guard.time_up
