@@ -13,7 +13,8 @@ import torch
 
 from data import build_loader, iterate_once
 from launch.pictures import labelled_grid, plot_curves
-from launch.runtime import EMA, RunConfig, StepGuard, read_metrics
+from launch.metrics import read_metrics
+from launch.runtime import EMA, RunConfig, StepGuard
 from ldm.cached_loader import CachedLatentLoader, sample_latents
 from ldm.conditioning import drop_captions
 from ldm.latent_cache import ensure_cache

@@ -17,7 +17,8 @@ from autoencoder.latents import LatentStatistics, fold_latent_statistics
 from autoencoder.metrics import reconstruction_metrics
 from data import iterate_once
 from launch.pictures import plot_curves, reconstruction_grid
-from launch.runtime import EMA, RunConfig, StepGuard, add_logs, mark_finished, read_metrics
+from launch.metrics import add_logs, read_metrics
+from launch.runtime import EMA, RunConfig, StepGuard, mark_finished
 
 
 def train_step(acc, model, disc, loss_fn, opt_g, opt_d, micro_batches: list[torch.Tensor], step: int,

@@ -1,0 +1,95 @@
+"""Metrics for the training scripts: log accumulation on the device, reduction across processes at
+log intervals only, ``metrics.jsonl`` + tensorboard (or wandb), and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+def add_logs(into: dict[str, torch.Tensor], logs: dict[str, torch.Tensor], scale: float) -> None:
+    for k, v in logs.items():
+        into[k] = into.get(k, 0) + v * scale
+
+
+def accumulate_logs(sums: dict[str, torch.Tensor], logs: dict[str, torch.Tensor]) -> None:
+    """Sum logs on the device between log intervals (no host sync per step)."""
+    add_logs(sums, logs, 1.0)
+    sums["_count"] = sums.get("_count", 0) + 1
+
+
+def reduce_logs(acc, sums: dict[str, torch.Tensor], **extra: float) -> dict[str, float]:
+    """Mean over steps since the last call and over processes; clears ``sums``."""
+    count = sums.pop("_count", 0)
+    if not count:
+        return dict(extra)
+    keys = sorted(sums)
+    stacked = torch.stack([torch.as_tensor(sums[k], device=acc.device, dtype=torch.float32) for k in keys])
+    stacked = acc.reduce(stacked, reduction="mean") / count
+    sums.clear()
+    return {**dict(zip(keys, stacked.tolist())), **extra}
+
+
+
+class MetricsLogger:
+    """Main-process metrics: ``metrics.jsonl`` always, tensorboard or wandb when asked."""
+
+    def __init__(self, accelerator, output_dir: Path, report_to: str, run_name: str, config: dict[str, Any]):
+        self.enabled = accelerator.is_main_process
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
+        self.wandb = None
+        if not self.enabled:
+            return
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        elif report_to == "wandb":
+            try:
+                import wandb
+            except ImportError as e:
+                raise SystemExit("--run.report-to wandb needs the wandb package: pip install wandb") from e
+            self.wandb = wandb.init(project="latent-diffusion", name=run_name, config=config, resume="allow")
+
+    def log(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
+
+    def log_image(self, step: int, tag: str, path: Path) -> None:
+        if self.enabled and self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def progress_bar(accelerator, start: int, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
