@@ -12,6 +12,7 @@ and the model's manifest id, so any image can be regenerated exactly: image k of
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ class GenerateConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     out: Path = Path("samples")
-    grid: bool = False  # also write grid.png: one row per prompt
+    grid: bool = False  # also write grid.png: one row per prompt (several prompts of one image each: a square)
     verify: bool = True  # re-hash the model folder's files against its manifest before loading
 
 
@@ -138,7 +139,9 @@ def run(cfg: GenerateConfig) -> list[Path]:
                 images.append(item.image)
             bar.update(len(chunk))
     if cfg.grid:
-        make_grid(images, cfg.num_images).save(cfg.out / "grid.png")
+        # One image per prompt: tile the prompts into a square instead of one tall column.
+        columns = cfg.num_images if cfg.num_images > 1 else math.ceil(math.sqrt(len(images)))
+        make_grid(images, columns).save(cfg.out / "grid.png")
     return paths
 
 
