@@ -141,7 +141,7 @@ def _build_inception(state: dict[str, torch.Tensor]) -> nn.Module:
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     # torch-fidelity's constructor either downloads the weights or torch.load()s a given path with
-    # weights_only=False; hand it the state dict read above (weights_only=True or safetensors).
+    # full unpickling; hand it the state dict read above (weights_only=True or safetensors) instead.
     with mock.patch.object(fidelity_inception, "load_state_dict_from_url", return_value=state):
         try:
             return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
