@@ -61,8 +61,9 @@ class AutoencoderLossConfig:
 
 AUTOENCODER_LOSS_PRESETS: dict[str, AutoencoderLossConfig] = {
     "tiny": AutoencoderLossConfig(discriminator=DiscriminatorConfig(channels=8, n_layers=2, norm_num_groups=4)),
-    # CPU demo: L1 + KL only. LPIPS needs downloaded weights and a GAN needs far longer than minutes.
-    "small": AutoencoderLossConfig(discriminator=DiscriminatorConfig(channels=32, n_layers=2)),
+    # CPU demo: L2 + KL only. L2 is what PSNR measures; LPIPS needs downloaded weights and a GAN
+    # needs far longer than the demo's minutes.
+    "small": AutoencoderLossConfig(reconstruction="l2", discriminator=DiscriminatorConfig(channels=32, n_layers=2)),
     # LDM's kl-f8 / kl-f4 recipe: LPIPS 1.0, KL 1e-6, hinge GAN 0.5 from step 50001.
     "kl-f8": AutoencoderLossConfig(perceptual_weight=1.0, discriminator_start_step=50001),
     "kl-f4": AutoencoderLossConfig(perceptual_weight=1.0, discriminator_start_step=50001),
