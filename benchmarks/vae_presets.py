@@ -6,7 +6,20 @@ batch 32 and 64x64 pixels, for the ``small`` candidates. Used to choose ``AUTOEN
     .venv/bin/python -m benchmarks.vae_presets [--steps 6] [--batch-size 32] [--channels-last]
 
 On a shared 2-core CPU the numbers are noisy (other jobs compete for the cores): compare candidates
-from the same run, and rerun before trusting a difference under ~15%.
+from the same run, and rerun before trusting a difference under ~15%. GFLOP/img (convolutions and
+matmuls of forward + backward, counted by torch's FlopCounterMode) does not depend on the load.
+
+Measured on the project's 2-core AVX2 machine (torch 2.14.1 CPU), train step, 64x64:
+
+    candidate              params  GFLOP/img  img/s b32 (2 thr, load ~1.5)
+    w32-64-64_l1            0.92M     4.98     16.7
+    w32-64-128_l1           2.57M     8.22      8.0 .. 13.6 (two runs)
+    w32-64-128_l1_attn      2.70M     8.42      7.6
+    w32-64-128_l2           3.35M    10.94      4.1
+    w64-64-128_l1           2.77M    12.33      4.1
+
+    small (= w32-64-64, 8 groups), idle machine: 2 threads 14.2 img/s at batch 8, 20.6 at batch 32;
+    1 thread 9.4 / 9.8. Under heavy sharing (load 8) 1 thread beat 2 threads (4.3 vs 1.8 img/s).
 """
 
 from __future__ import annotations
