@@ -79,7 +79,7 @@ PRESETS: dict[str, TrainVAEConfig] = {
     # CPU demo: small batches win at a fixed number of images seen (benchmarks/vae_quality.py:
     # batch 8, lr 1e-3, L2 reached 25.7 dB after 8,000 images); the encoder starts nearly deterministic.
     "small": _preset("small", 64, lr=1e-3,
-                     run=RunConfig(output_dir=Path("runs/vae"), max_steps=1000, batch_size=8, warmup_steps=50,
+                     run=RunConfig(output_dir=Path("runs/vae"), max_steps=1000, batch_size=8, warmup_steps=50, ema_decay=0.99,
                                    checkpoint_every=250, log_every=25)),
     "kl-f8": _preset("kl-f8", 256, lr=4.5e-6 * 8, run=RunConfig(max_steps=200_000, batch_size=8, mixed_precision="bf16")),
     "kl-f4": _preset("kl-f4", 256, lr=4.5e-6 * 8, run=RunConfig(max_steps=200_000, batch_size=8, mixed_precision="bf16")),
