@@ -267,6 +267,24 @@ def test_refuses_pickles_partial_weights_and_missing_lengths(tiny_dirs: dict[str
         load_text_encoder(f"hf:{tiny_dirs['clip']}?max_length=40")
 
 
+def test_bert_without_pooler_weights_has_one_fingerprint(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    # Many BERT-family exports omit the pooler head. transformers then fills it from the global RNG;
+    # if it stayed, the fingerprint (and every cache keyed by it) would depend on the caller's RNG state.
+    folder = tmp_path / "no_pooler"
+    model = BertModel.from_pretrained(tiny_dirs["bert"], add_pooling_layer=False)
+    model.save_pretrained(folder)
+    BertTokenizer.from_pretrained(tiny_dirs["bert"]).save_pretrained(folder)
+    prints = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        te = load_text_encoder(f"hf:{folder}")
+        assert te.model.pooler is None
+        prints.append(te.fingerprint["weights_sha256"])
+    assert prints[0] == prints[1]
+    with_pooler = load_text_encoder(f"hf:{tiny_dirs['bert']}")
+    assert torch.equal(te.encode(["a cat"]).hidden, with_pooler.encode(["a cat"]).hidden)
+
+
 def test_dtype_device_and_hub_file_selection(tiny_dirs: dict[str, Path]) -> None:
     from text_encoder.hf_backend import hub_files_to_fetch
 

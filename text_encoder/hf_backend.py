@@ -195,6 +195,10 @@ def _load_model(model_dir: Path, cfg: TextEncoderConfig, dtype: torch.dtype) -> 
         )
     # A BERT-style pooler head is not part of the hidden states we return; anything else missing is.
     missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
+    if len(missing) < len(info["missing_keys"]) and getattr(model, "pooler", None) is not None:
+        # transformers filled the absent head from the global RNG: drop it, or the encoder's
+        # fingerprint (and every cache keyed by it) would change from one process to the next.
+        model.pooler = None
     missing += sorted(str(k) for k in info["mismatched_keys"])
     if missing:
         raise ValueError(
