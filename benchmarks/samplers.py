@@ -1,6 +1,6 @@
 """Sampler accuracy and speed on a saved pipeline.
 
-    python benchmarks/samplers.py --model runs/demo/pipeline
+    python benchmarks/samplers.py --model runs/demo/ldm/pipeline
     python benchmarks/samplers.py --model DIR --samplers euler dpmpp_2m --steps 10 20 --num-images 8
 
 For every sampler and step count, from the same starting noise (image k: seed + k) and the same

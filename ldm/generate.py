@@ -1,6 +1,6 @@
 """ldm-generate: text-to-image from a saved pipeline folder.
 
-    ldm-generate --model runs/demo/pipeline --prompt "a yellow smiling face" --num-images 4 --grid
+    ldm-generate --model runs/demo/ldm/pipeline --prompt "a yellow smiling face" --num-images 4 --grid
     ldm-generate --config gen.json --prompt "a red flag" --sampler euler_a --steps 30 --seed 7
 
 Every PNG records, in its text chunks, the prompt, negative prompt, seed, sampler, steps, guidance
