@@ -119,7 +119,7 @@ class Evaluator:
         self.hidden = torch.cat(hidden)[: cfg.val_samples]
 
     def _ema_unet(self, unet, ema: EMA | None):
-        raw = self.acc.unwrap_model(unet)
+        raw = self.acc.unwrap_model(unet, keep_torch_compile=False)
         if self.eval_unet is None:
             self.eval_unet = copy.deepcopy(raw).eval()
         self.eval_unet.load_state_dict(raw.state_dict())
@@ -150,7 +150,7 @@ class Evaluator:
         return out
 
     def pipeline(self, unet, ema: EMA | None, use_ema: bool = True) -> LatentDiffusionPipeline:
-        model = self._ema_unet(unet, ema) if use_ema else self.acc.unwrap_model(unet)
+        model = self._ema_unet(unet, ema) if use_ema else self.acc.unwrap_model(unet, keep_torch_compile=False)
         return LatentDiffusionPipeline.from_parts(
             model, self.cfg.vae, self.te, self.objective.cfg.schedule,
             default_sampler=self.cfg.sampler, unet_config=self.unet_config,

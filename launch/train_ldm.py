@@ -178,7 +178,7 @@ def train(cfg: TrainLDMConfig) -> Path:
         if last:
             break
     bar.close()
-    end_of_loop(acc, acc.unwrap_model(unet), "UNet", guard, logger, state.step, stop)
+    end_of_loop(acc, raw, "UNet", guard, logger, state.step, stop)
 
     folder = ldm_steps.export(cfg, acc, unet, ema, evaluator, out, to_dict(cfg))
     if acc.is_main_process:

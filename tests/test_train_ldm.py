@@ -76,3 +76,18 @@ def test_two_processes_cached_sigkill_then_resume_is_bitwise_equal(stages, tmp_p
     manifest = json.loads((tmp_path / "crash" / "cache" / "cache_manifest.json").read_text())
     assert manifest["built_by_processes"] == 2 and manifest["num_samples"] == 24
     assert sha256(tmp_path / "straight" / "pipeline" / UNET_WEIGHTS) == sha256(tmp_path / "crash" / "pipeline" / UNET_WEIGHTS)
+
+
+def test_compiled_unet_exports_plain_weights(stages, tmp_path, monkeypatch):
+    # torch.compile wraps the UNet in an OptimizedModule whose state_dict keys start with
+    # "_orig_mod."; evaluation and export must see the plain module (a GPU run once crashed at
+    # export). The eager backend builds the same wrapper without inductor's minutes of compiling.
+    from launch.train_ldm import main
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager"))
+    main(tiny_args(stages, tmp_path / "compiled", "--compile", "--run.max-steps", "2"))
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "compiled" / "pipeline" / UNET_WEIGHTS).keys()
+    assert "conv_in.weight" in keys and not any("_orig_mod" in k for k in keys)
