@@ -266,6 +266,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any] | None:
         spaces, labels = build_spaces(cfg, acc.device, Path(cfg.autoencoder), clip=None)
         report = evaluate_autoencoder(cfg, acc, spaces, labels)
     acc.wait_for_everyone()
+    acc.end_training()  # no collectives follow; left to interpreter exit, gloo can abort a rank
     if not acc.is_main_process:
         return None
     report["seconds"] = round(time.time() - t0, 1)

@@ -296,6 +296,7 @@ def end_of_loop(accelerator, module: torch.nn.Module, what: str, guard: StepGuar
     if stop:
         accelerator.print(f"stopped by {guard.preemption.signal_name} at step {step}; rerun the same command to resume")
         logger.close()
+        accelerator.end_training()
         raise SystemExit(143)
 
 

@@ -105,6 +105,7 @@ def train(cfg: TrainLDMConfig) -> Path:
     out = Path(run.output_dir)
     if run_finished(out / "pipeline", run):
         acc.print(f"{out / 'pipeline'} is complete for this step/time budget; nothing to do.")
+        acc.end_training()
         return out / "pipeline"
     # Frozen stages 1 and 2.
     vae, contract = load_autoencoder(cfg.vae)
@@ -188,6 +189,7 @@ def train(cfg: TrainLDMConfig) -> Path:
         mark_finished(folder, state.step, state.counters["train_seconds"])
         ldm_steps.plot(out)
     logger.close()
+    acc.end_training()  # tear gloo/NCCL down now: left to interpreter exit it can abort a rank
     return folder
 
 

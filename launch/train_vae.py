@@ -92,6 +92,7 @@ def train(cfg: TrainVAEConfig) -> Path:
     out = Path(run.output_dir)
     if run_finished(out / "model", run):
         acc.print(f"{out / 'model'} is complete for this step/time budget; nothing to do.")
+        acc.end_training()
         return out / "model"
     if acc.is_main_process:
         save_config(cfg, out / "config.json")
@@ -170,6 +171,7 @@ def train(cfg: TrainVAEConfig) -> Path:
     if acc.is_main_process:
         vae_steps.plot(out)
     logger.close()
+    acc.end_training()  # tear gloo/NCCL down now: left to interpreter exit it can abort a rank
     return model_dir
 
 

@@ -176,6 +176,9 @@ def distributed_check(spec: str, out: Path, steps: int) -> None:
                                  "bad": loader.bad_sample_counts}])
     if accelerator.is_main_process:
         out.write_text(json.dumps(everything), encoding="utf-8")
+    # Leaving gloo's process group to interpreter shutdown sometimes aborts a rank ("terminate
+    # called without an active exception", SIGABRT), which fails the launch after the work is done.
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
