@@ -18,7 +18,9 @@ The one-off cost of building the cache is printed too, with the number of traine
 it has paid for itself. The autoencoder is randomly initialised: its speed, not its quality, matters
 here. Prints numbers only; no assertions.
 
-Measured on the shared 2-core CPU (load ~9, so individual steps vary 2-3x), two runs:
+Measured on the idle 2-core CPU (torch 2.14.1): on the fly 41.0 img/s, cached 58.9 img/s: 1.44x
+wall-clock, 1.42x CPU time; the cache (both flips + text) builds at 62 img/s and pays for itself after
+~560 trained images. Earlier, on the shared 2-core CPU (load ~9, steps varying 2-3x), two runs:
   on the fly 1.4 / 1.9 img/s, cached 2.2 / 2.8 img/s: 1.56x / 1.50x wall-clock (1.52x / 1.48x CPU time).
   Encoding is ~21% of an on-the-fly step's CPU time; the UNet step itself also ran ~15% slower when
   it shared a step with the encoders (memory traffic and allocator churn), which makes up the rest.
