@@ -128,7 +128,7 @@ def main(args: list[str] | None = None) -> None:
         ["ldm-generate" if shutil.which("ldm-generate") else str(Path(py).parent / "ldm-generate"),
          "--model", str(out / "ldm" / "pipeline"), "--prompts-file", str(prompts),
          "--sampler", cfg.sampler, "--steps", str(cfg.steps), "--guidance", str(cfg.guidance),
-         "--seed", str(cfg.seed), "--out", str(out / "samples"), "--grid"],
+         "--seed", str(cfg.seed), "--out", str(out / "samples")],
         "generate the sample grid",
     )
     labelled_samples(out / "samples", DEMO_PROMPTS).save(out / "samples.png")
