@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL
 
 from autoencoder.latents import LatentContract
 from autoencoder.model import check_config_matches
+from autoencoder.provenance import contract_from_json_dict
 
 CONTRACT_FILE = "latent_contract.json"
 CONFIG_FILE = "config.json"
@@ -98,6 +99,12 @@ def read_latent_contract(folder: str | Path) -> LatentContract:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no autoencoder folder at {folder}; train stage 1 (launch/train_vae.py) first")
+    if (folder / CONFIG_FILE).is_file() and not (folder / CONTRACT_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a stage-1 folder: {CONTRACT_FILE} is missing. A stock AutoencoderKL folder (or an "
+            f"interrupted save) carries no latent statistics for your data; import it first with "
+            f"python launch/import_vae.py --source {folder} --data YOUR_DATA --run.output-dir OUT, then use OUT/model"
+        )
     for name in (CONFIG_FILE, CONTRACT_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(
@@ -105,7 +112,7 @@ def read_latent_contract(folder: str | Path) -> LatentContract:
                 "a folder written by save_autoencoder)"
             )
     try:
-        contract = LatentContract.from_json_dict(json.loads((folder / CONTRACT_FILE).read_text(encoding="utf-8")))
+        contract = contract_from_json_dict(json.loads((folder / CONTRACT_FILE).read_text(encoding="utf-8")))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{folder / CONTRACT_FILE} is not a valid latent contract: {e}") from e
     if not contract.weights_sha256:

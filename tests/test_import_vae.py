@@ -1,0 +1,205 @@
+"""launch/import_vae.py: stock autoencoders in every source form become stage-1 folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _pretrained_fixtures import COMMIT, flux_vae_dir, hub_cache, sd_pipeline_dir, sd_vae_dir, stock_vae, use_hub_cache
+from _tiny_runs import accelerate_cmd, make_captioned_folder, run
+from diffusers import AutoencoderKL
+from safetensors.torch import save_file
+from test_pipeline_fixtures import single_thread  # noqa: F401 (autouse fixture)
+
+from autoencoder.folder import load_autoencoder
+from autoencoder.metrics import psnr
+from autoencoder.pretrained import AutoencoderSourceError, load_pretrained_autoencoder, resolve_autoencoder_source
+from autoencoder.provenance import ImportedLatentContract
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_captioned_folder(tmp_path_factory.mktemp("import_data") / "images", n=16, size=32)
+
+
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stock")
+    return {"sd": sd_vae_dir(root), "flux": flux_vae_dir(root), "pipe": sd_pipeline_dir(root), "root": root}
+
+
+def pixels(folder, n=16):
+    from PIL import Image
+    import numpy as np
+
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))[:n]]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def import_args(source, data, out, *extra):
+    return ["--source", str(source), "--data", str(data), "--data.resolution", "32", "--run.output-dir", str(out),
+            "--run.num-workers", "0", "--stats-samples", "0", *extra]
+
+
+def _same_weights(a: AutoencoderKL, b: AutoencoderKL) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_every_source_form_loads_the_same_weights(stock, tmp_path, monkeypatch):
+    reference = AutoencoderKL.from_pretrained(stock["sd"])
+    # A Hub repository holding a bare AutoencoderKL, and one holding a whole pipeline.
+    cache = hub_cache(tmp_path, "org/sd-vae", stock["sd"])
+    hub_cache(tmp_path, "org/sd-pipe", stock["pipe"])
+    use_hub_cache(monkeypatch, cache)
+    single = tmp_path / "vae.safetensors"
+    save_file(reference.state_dict(), single)
+    specs = {
+        str(stock["sd"]): "autoencoder_folder", str(stock["pipe"]): "pipeline_folder", "hf:org/sd-vae": "hub",
+        "hf:org/sd-pipe": "hub", "hf:org/sd-pipe/vae": "hub", f"hf:org/sd-vae?revision={COMMIT}": "hub",
+    }
+    pipe_vae = AutoencoderKL.from_pretrained(stock["pipe"] / "vae")
+    for spec, kind in specs.items():
+        vae, source = load_pretrained_autoencoder(spec)
+        assert source["kind"] == kind and source["scaling_factor"] == pytest.approx(0.18215), spec
+        assert _same_weights(vae, pipe_vae if "pipe" in spec else reference), spec
+        if kind == "hub":
+            assert source["revision"] == COMMIT and source["repo_id"] in ("org/sd-vae", "org/sd-pipe")
+    vae, source = load_pretrained_autoencoder(str(single), config=stock["sd"] / "config.json")
+    assert source["kind"] == "single_file" and _same_weights(vae, reference)
+    (tmp_path / "vae.json").write_text((stock["sd"] / "config.json").read_text())  # config found beside the file
+    assert _same_weights(load_pretrained_autoencoder(str(single))[0], reference)
+
+
+def test_bad_sources_are_refused_with_what_to_do(stock, tmp_path, monkeypatch):
+    use_hub_cache(monkeypatch, tmp_path / "empty_cache")
+    with pytest.raises(AutoencoderSourceError, match="no such file"):
+        resolve_autoencoder_source(str(tmp_path / "nope"))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((stock["sd"] / "config.json").read_text())
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(AutoencoderSourceError, match="pickle files are never loaded"):
+        resolve_autoencoder_source(str(pickled))
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    with pytest.raises(AutoencoderSourceError, match="only .safetensors"):
+        resolve_autoencoder_source(str(tmp_path / "model.ckpt"))
+    lonely = tmp_path / "lonely" / "w.safetensors"
+    lonely.parent.mkdir()
+    save_file({"x": torch.zeros(1)}, lonely)
+    with pytest.raises(AutoencoderSourceError, match="--source-config"):
+        resolve_autoencoder_source(str(lonely))
+    with pytest.raises(AutoencoderSourceError, match="does not fit its config.json"):
+        load_pretrained_autoencoder(str(lonely), config=stock["sd"])
+    with pytest.raises(AutoencoderSourceError, match="Hugging Face cache"):
+        resolve_autoencoder_source("hf:org/not-cached")
+
+
+def test_import_sd_layout_measures_folds_and_records_the_source(stock, images, tmp_path, capsys):
+    from launch.import_vae import main
+
+    out = tmp_path / "imported"
+    main(import_args(stock["sd"], images, out, "--val-data", str(images), "--val-samples", "16"))
+    vae, contract = load_autoencoder(out / "model")
+    assert isinstance(contract, ImportedLatentContract) and contract.folded
+    assert vae.config.scaling_factor == 1.0 and vae.config.shift_factor is None
+    src = contract.source
+    assert src["scaling_factor"] == pytest.approx(0.18215) and src["shift_factor"] is None
+    assert src["normalization"] == "measured" and src["spec"] == str(stock["sd"])
+    assert contract.num_values == 16 * 16 * 16  # every image: 16 x 16 latents per channel
+
+    x = pixels(images)
+    source = AutoencoderKL.from_pretrained(stock["sd"]).eval()
+    with torch.no_grad():
+        # Folding changes the latents' scale, never the reconstruction.
+        ref = source.decode(source.encode(x).latent_dist.mode()).sample
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        assert torch.allclose(rec, ref, atol=1e-4)
+        z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(3))  # [B, 4, 16, 16]
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 0.1 and (z.std(dim=(0, 2, 3)) - 1).abs().max() < 0.1
+
+    report = json.loads((out / "import_report.json").read_text())
+    expected_psnr = psnr(rec.clamp(-1, 1), x).mean().item()
+    assert report["psnr"] == pytest.approx(expected_psnr, abs=1e-3) and "ssim" in report
+    assert "reconstruction on --val-data: psnr" in capsys.readouterr().out
+
+    # Rerunning the same import does nothing; another source into the same folder is refused.
+    before = (out / "model" / "latent_contract.json").read_text()
+    main(import_args(stock["sd"], images, out))
+    assert (out / "model" / "latent_contract.json").read_text() == before
+    with pytest.raises(SystemExit, match="already holds another autoencoder"):
+        main(import_args(stock["flux"], images, out))
+
+
+def test_import_16_channel_with_shift_factor_and_no_quant_convs(stock, images, tmp_path):
+    from launch.import_vae import main
+
+    out = tmp_path / "flux"
+    main(import_args(stock["flux"], images, out, "--normalization", "source"))
+    vae = AutoencoderKL.from_pretrained(out / "model")  # stock diffusers rebuilds the added identity convs
+    _, contract = load_autoencoder(out / "model")
+    assert vae.config.latent_channels == 16 and vae.config.use_quant_conv and vae.config.shift_factor is None
+    assert contract.source["added_identity_quant_convs"] and contract.source["shift_factor"] == pytest.approx(0.1159)
+    assert contract.statistics_of == "source_config" and len(contract.source["measured_latent_std"]) == 16
+    x = pixels(images, 4)
+    source = AutoencoderKL.from_pretrained(stock["flux"]).eval()
+    with torch.no_grad():
+        z_src = source.encode(x).latent_dist.mode()
+        z = vae.encode(x).latent_dist.mode()
+        # "source" normalization reproduces what stock FLUX/SD3 pipelines feed their transformer.
+        assert torch.allclose(z, (z_src - 0.1159) * 0.3611, atol=1e-5)
+        assert torch.allclose(vae.decode(z).sample, source.decode(z_src).sample, atol=1e-4)
+
+
+def test_any_autoencoderkl_shape_imports(images, tmp_path):
+    from launch.import_vae import main
+
+    odd = stock_vae(3, seed=2, block_out_channels=(8, 8, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                    up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, mid_block_add_attention=False)
+    odd.save_pretrained(tmp_path / "odd")
+    main(import_args(tmp_path / "odd", images, tmp_path / "out"))
+    _, contract = load_autoencoder(tmp_path / "out" / "model")
+    assert contract.latent_channels == 3 and contract.downsample_factor == 4
+    assert contract.autoencoder_config.mid_block_add_attention is False
+
+
+def test_imported_folder_composes_a_pipeline_that_stock_diffusers_loads(stock, images, tmp_path):
+    """What train_ldm.py --vae OUT/model does with the folder: compose, save, load in stock diffusers."""
+    from diffusers import StableDiffusionPipeline
+    from test_pipeline_fixtures import tiny_clip_dir
+    from text_encoder import load_text_encoder
+
+    from ldm.objective import NoiseScheduleConfig
+    from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.unet import build_unet
+    from launch.import_vae import main
+
+    main(import_args(stock["sd"], images, tmp_path / "imported"))
+    te = load_text_encoder(f"hf:{tiny_clip_dir(tmp_path)}")
+    torch.manual_seed(0)
+    unet = build_unet("tiny", te.hidden_size, 4).eval()
+    ours = LatentDiffusionPipeline.from_parts(unet, tmp_path / "imported" / "model", te, NoiseScheduleConfig())
+    ours.save_pretrained(tmp_path / "pipe")
+    loaded = LatentDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert loaded.manifest["autoencoder"]["latent_contract"]["source"]["scaling_factor"] == pytest.approx(0.18215)
+    stock_pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    stock_pipe.set_progress_bar_config(disable=True)
+    g = [torch.Generator().manual_seed(0)]
+    theirs = stock_pipe(["red"], height=16, width=16, num_inference_steps=2, guidance_scale=3.0, generator=g,
+                        output_type="np").images
+    mine = loaded(["red"], steps=2, guidance_scale=3.0, seed=0, height=16, width=16)
+    import numpy as np
+
+    assert np.abs(np.asarray(mine[0], dtype=np.float64) / 255 - theirs[0]).max() < 2 / 255
+
+
+@pytest.mark.slow
+def test_two_processes_measure_over_all_ranks(stock, images, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run(accelerate_cmd("launch/import_vae.py") + import_args(stock["sd"], images, out))
+    report = json.loads((out / "import_report.json").read_text())
+    assert report["num_processes"] == 2, "must really run two processes"
+    # Each rank encodes its half; the reduced statistics count every image once.
+    assert report["num_values"] == 16 * 16 * 16
+    assert "2 process(es)" in proc.stdout + proc.stderr
