@@ -8,11 +8,26 @@ list and picks its own rank's entry.
 Batches are always full: a bad sample is counted and the next one drawn. Because the stream is
 endless, every rank runs exactly as many steps as the training loop asks for, however uneven the
 shards or the bad samples are.
+
+Preemption: SLURM and `kill -TERM -PGID` signal the whole process group, workers included. torch's
+workers die on SIGTERM (its own handler) and on SIGUSR1 (the default action), and the main process
+then fails with "DataLoader worker is killed by signal" before it can save. So every worker ignores
+both (`ignore_preemption_signals`, run before any user `worker_init_fn`), and the main process
+blocks them while it forks workers, so none can arrive in the instant before a worker ignores them;
+a signal that came in meanwhile reaches the main process's own handler once the workers exist.
+Ignoring SIGTERM also removes torch's way of ending workers at interpreter exit (multiprocessing
+terminates daemonic children with SIGTERM, then joins them), so loaders with live workers are
+closed by an atexit hook first: the workers get torch's ordinary stop message and exit.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import signal
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -42,6 +57,61 @@ def _identity(item: Any) -> Any:
     return item
 
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_preemption_signals() -> None:
+    """In a worker: ignore SIGTERM/SIGUSR1 (the main process saves and ends the workers itself)."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
+
+
+class WorkerInit:
+    """The DataLoader's worker_init_fn: ignore preemption signals, then run the user's own one.
+    A class, not a closure, so that it also pickles for spawn-started workers."""
+
+    def __init__(self, then: Callable[[int], None] | None = None) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        ignore_preemption_signals()
+        if self.then is not None:
+            self.then(worker_id)
+
+
+_LOADERS_WITH_WORKERS: weakref.WeakSet[CaptionedLoader] = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _close_loaders_at_exit() -> None:
+    for loader in list(_LOADERS_WITH_WORKERS):
+        loader.close()
+
+
+def _track_workers(loader: CaptionedLoader) -> None:
+    """Registered after torch imported multiprocessing, so it runs before multiprocessing's own hook."""
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(_close_loaders_at_exit)
+        _atexit_registered = True
+    _LOADERS_WITH_WORKERS.add(loader)
+
+
+@contextlib.contextmanager
+def preemption_signals_blocked(active: bool) -> Iterator[None]:
+    """Hold SIGTERM/SIGUSR1 back in this thread while workers are forked (they inherit the mask and
+    unblock once they ignore the signals); a held signal is delivered on exit."""
+    if not active:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class CaptionedLoader:
     """An iterator of collated batches for one rank, with an exact, JSON-ready resume position.
 
@@ -50,7 +120,7 @@ class CaptionedLoader:
     """
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, seed: int, rank: int, world_size: int,
-                 num_workers: int, endless: bool) -> None:
+                 num_workers: int, endless: bool, worker_init_fn: Callable[[int], None] | None = None) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
             raise DataConfigError(
                 f"Loader needs batch_size >= 1, 0 <= rank < world_size and num_workers >= 0; got "
@@ -58,6 +128,7 @@ class CaptionedLoader:
             )
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
         self.rank, self.world_size, self.num_workers, self.endless = rank, world_size, num_workers, endless
+        self.worker_init = WorkerInit(worker_init_fn)
         self.spec = parse_source_spec(cfg.source, allow_pipe_urls=cfg.allow_pipe_urls)
         self.tally = BadSampleTally(cfg.source, cfg.max_bad_fraction, cfg.bad_fraction_min_seen, rank)
         self.batches = 0
@@ -83,7 +154,11 @@ class CaptionedLoader:
 
     def __next__(self) -> dict[str, Any]:
         if self._iterator is None:
-            self._iterator = iter(self._dataloader())
+            dataloader = self._dataloader()
+            with preemption_signals_blocked(dataloader.num_workers > 0):
+                self._iterator = iter(dataloader)
+            if dataloader.num_workers > 0:
+                _track_workers(self)
         samples: list[dict[str, Any]] = []
         while len(samples) < self.batch_size:
             item = next(self._iterator, None)
@@ -129,7 +204,7 @@ class CaptionedLoader:
                                  endless=self.endless)
             workers = _workers_dividing(len(lanes), self.num_workers)
         return DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_identity,
-                          prefetch_factor=4 if workers else None)
+                          prefetch_factor=4 if workers else None, worker_init_fn=self.worker_init if workers else None)
 
     # ----- state -----------------------------------------------------------------------------------
 
@@ -202,8 +277,10 @@ class CaptionedLoader:
                 )
 
     def close(self) -> None:
-        """Stop the worker processes (a new iteration starts fresh ones at the current position)."""
+        """Stop the worker processes (a new iteration starts fresh ones at the current position).
+        Dropping torch's iterator shuts its workers down and joins them."""
         self._iterator = None
+        _LOADERS_WITH_WORKERS.discard(self)
 
 
 def _workers_dividing(lanes: int, num_workers: int) -> int:
@@ -222,16 +299,17 @@ def _json_copy(value: Any) -> Any:
 
 
 def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0) -> CaptionedLoader:
-    """An endless, resumable stream of training batches for process `rank` of `world_size`."""
+                 num_workers: int = 0, worker_init_fn: Callable[[int], None] | None = None) -> CaptionedLoader:
+    """An endless, resumable stream of training batches for process `rank` of `world_size`.
+    `worker_init_fn` runs in each worker after it has set SIGTERM/SIGUSR1 to be ignored."""
     return CaptionedLoader(cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
-                           num_workers=num_workers, endless=True)
+                           num_workers=num_workers, endless=True, worker_init_fn=worker_init_fn)
 
 
 def iterate_once(cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0) -> CaptionedLoader:
+                 num_workers: int = 0, worker_init_fn: Callable[[int], None] | None = None) -> CaptionedLoader:
     """One finite pass over this rank's share (centre crop, no flip, stored order), e.g. for latent
     statistics or validation. Ranks' shares may differ by a few samples, and the last batch may be
     short: reduce across ranks after the pass, not per batch."""
     return CaptionedLoader(cfg, batch_size=batch_size, seed=0, rank=rank, world_size=world_size,
-                           num_workers=num_workers, endless=False)
+                           num_workers=num_workers, endless=False, worker_init_fn=worker_init_fn)
