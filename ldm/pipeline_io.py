@@ -6,7 +6,8 @@ Layout written (the one ``StableDiffusionPipeline.save_pretrained`` writes, so s
     unet/                       UNet2DConditionModel (config.json + safetensors)
     vae/                        the autoencoder folder copied byte for byte (latent_contract.json kept)
     text_encoder/ tokenizer/    FrozenTextEncoder.export_transformers
-    scheduler/                  the default sampler, built from the training noise schedule
+    scheduler/                  the default sampler, built from the training noise schedule, plus the
+                                keys every other sampler reads (ldm.stock_schedulers)
     ldm_manifest.json           written last: files + sha256, manifest id, stage fingerprints,
                                 latent statistics, null-embedding mode, schedule, training config
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +43,10 @@ from ldm.manifest import (
 )
 from ldm.objective import NoiseScheduleConfig
 from ldm.samplers import build_sampler
+from ldm.stock_schedulers import check_stock_swaps, stock_scheduler_config
 from ldm.unet import UNetConfig
+
+logger = logging.getLogger(__name__)
 
 LATENT_CONTRACT_NAME = "latent_contract.json"  # the autoencoder stage's own file (ARCHITECTURE.md)
 # Prompts used to check that the exported text encoder reproduces the training one.
@@ -101,7 +106,10 @@ def write_pipeline(
         _copy_vae(Path(vae_dir), tmp / "vae")
         contract = read_latent_contract(tmp / "vae")  # the copy, re-verified against its sha256
         text_encoder.export_transformers(tmp)
-        build_sampler(default_sampler, schedule).save_pretrained(tmp / "scheduler")
+        scheduler_config = stock_scheduler_config(schedule, default_sampler)
+        stock_swaps = check_stock_swaps(schedule, scheduler_config)
+        (tmp / "scheduler").mkdir()
+        write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
         write_json(tmp / "model_index.json", _model_index(text_encoder, default_sampler, schedule))
         exported_fingerprint = _check_export(tmp, text_encoder)
         files = file_digests(tmp)
@@ -135,9 +143,35 @@ def write_pipeline(
                 "hidden_size": text_encoder.hidden_size,
             },
             "training": to_dict(dict(training_config)),
+            "stock_diffusers": _stock_notes(text_encoder, stock_swaps),
         }
         write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
+
+
+def _stock_notes(text_encoder: FrozenTextEncoder, stock_swaps: dict[str, Any]) -> dict[str, Any]:
+    """How a stock StableDiffusionPipeline reproduces ``ldm-generate``: per sampler, the scheduler class
+    and the ``from_config`` keywords it needs (almost always none); and what to pass for the
+    unconditional branch. With ``null=zeros`` stock diffusers would encode "" there, which is not
+    what the model was trained with, and no saved file can change that: the caller must pass
+    ``negative_prompt_embeds=torch.zeros(batch, max_length, hidden_size)`` (README "Loading the
+    result in diffusers")."""
+    if text_encoder.config.null == "zeros":
+        logger.warning(
+            "this pipeline was trained with null=zeros: stock diffusers pipelines encode \"\" for the "
+            "unguided branch unless given negative_prompt_embeds=torch.zeros(batch, %d, %d) "
+            "(ldm_manifest.json stock_diffusers.unconditional)",
+            text_encoder.max_length, text_encoder.hidden_size,
+        )  # fmt: skip
+        unconditional = {
+            "negative_prompt_embeds": "zeros",
+            "shape": ["batch", text_encoder.max_length, text_encoder.hidden_size],
+            "note": "pass negative_prompt_embeds=torch.zeros(shape) when no negative prompt is given; "
+            "stock diffusers would otherwise encode the empty prompt, which this model never saw",
+        }
+    else:
+        unconditional = {"negative_prompt_embeds": "default (the empty prompt, as stock diffusers encodes it)"}
+    return {"schedulers": stock_swaps, "unconditional": unconditional}
 
 
 def _copy_vae(vae_dir: Path, dest: Path) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
+import diffusers
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 from test_pipeline_fixtures import single_thread, tiny_pipeline  # noqa: F401 (autouse fixture)
 
 from ldm.objective import NoiseScheduleConfig
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.samplers import SAMPLERS, build_sampler
 
 PROMPTS = ["red flag", "a face"]  # short: the tiny tokenizers' max_length is 12
 CASES = {
@@ -80,3 +84,62 @@ def test_same_images_without_guidance(pipes):
     ours, stock = pipes
     mine = ours(PROMPTS, steps=3, sampler="dpmpp_2m", guidance_scale=1.0, seed=0)
     assert psnr(mine, _stock(stock, 0, 2, num_inference_steps=3, guidance_scale=1.0)) >= 40
+
+
+def _max_pixel_difference(a: list, b: list) -> int:
+    x = np.stack([np.asarray(i, dtype=np.int64) for i in a])
+    y = np.stack([np.asarray(i, dtype=np.int64) for i in b])
+    return int(np.abs(x - y).max())
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_swapped_the_diffusers_way_gives_our_images(saved, name):
+    """``Cls.from_config(pipe.scheduler.config)``, the diffusers way (Karras sigmas asked for as
+    diffusers users do), samples exactly like ``ldm-generate --sampler name``, guided and unguided."""
+    ours, stock, loaded = saved
+    try:
+        cls = type(build_sampler(name, ours.schedule))
+    except ValueError:
+        pytest.skip(f"{name} is refused for this schedule (tested in test_ldm_samplers)")
+    kwargs = {"use_karras_sigmas": True} if name == "dpmpp_2m_karras" else {}
+    stock.scheduler = cls.from_config(loaded.config, **kwargs)
+    for scale in (1.0, 3.0):
+        mine = ours(PROMPTS, steps=4, sampler=name, guidance_scale=scale, seed=5)
+        theirs = _stock(stock, 5, 2, num_inference_steps=4, guidance_scale=scale)
+        assert _max_pixel_difference(mine, theirs) == 0, (name, scale)
+
+
+def test_only_the_karras_variant_needs_a_from_config_keyword(saved):
+    ours, _, loaded = saved
+    needs = {n: i["from_config_kwargs"] for n, i in ours.manifest["stock_diffusers"]["schedulers"].items()
+             if i["from_config_kwargs"]}  # fmt: skip
+    assert needs == {"dpmpp_2m_karras": {"use_karras_sigmas": True}}
+    classes = {n: i["class"] for n, i in ours.manifest["stock_diffusers"]["schedulers"].items()}
+    assert all(classes[n] == type(build_sampler(n, ours.schedule)).__name__ for n in classes)
+    assert all(hasattr(diffusers, c) for c in classes.values())
+    # the saved file states what the diffusers defaults would get wrong
+    assert loaded.config["clip_sample"] is False
+    assert DDIMScheduler.from_config(loaded.config).config.clip_sample is False
+
+
+@pytest.fixture(scope="module")
+def zeros_null(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zeros")
+    tiny_pipeline(root, null="zeros").save_pretrained(root / "pipe")
+    stock = StableDiffusionPipeline.from_pretrained(root / "pipe")
+    stock.set_progress_bar_config(disable=True)
+    return LatentDiffusionPipeline.from_pretrained(root / "pipe"), stock, root / "pipe"
+
+
+def test_null_zeros_needs_zero_negative_embeddings_in_stock_diffusers(zeros_null):
+    """With ``null=zeros`` stock diffusers matches only when given the zeros the manifest names."""
+    ours, stock, folder = zeros_null
+    note = json.loads((folder / "ldm_manifest.json").read_text())["stock_diffusers"]["unconditional"]
+    assert note["negative_prompt_embeds"] == "zeros"
+    shape = (len(PROMPTS), *note["shape"][1:])
+    mine = ours(PROMPTS, steps=3, guidance_scale=4.0, seed=2)
+    zeros = torch.zeros(shape)
+    assert _max_pixel_difference(mine, _stock(stock, 2, 2, num_inference_steps=3, guidance_scale=4.0,
+                                              negative_prompt_embeds=zeros)) == 0  # fmt: skip
+    # Without them stock diffusers encodes "" for the unguided branch: another image.
+    assert psnr(mine, _stock(stock, 2, 2, num_inference_steps=3, guidance_scale=4.0)) < 40
