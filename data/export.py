@@ -60,6 +60,7 @@ class ExportStats:
 
 def export_sample(record: RawRecord, cfg: DataConfig, export: ExportConfig) -> dict[str, bytes]:
     """One record -> shard members {ext: bytes}; raises BadSample like the training loader would."""
+    raise_known_problem(record)
     caption = _stored_caption(record.caption, cfg)
     img, original_size = decode_record(record, cfg)
     if max(img.size) > export.max_side:
@@ -79,6 +80,13 @@ def export_sample(record: RawRecord, cfg: DataConfig, export: ExportConfig) -> d
         members["txt"] = caption.encode("utf-8")
     members["json"] = json.dumps(metadata, ensure_ascii=False, sort_keys=True).encode("utf-8")
     return members
+
+
+def raise_known_problem(record: RawRecord) -> None:
+    """A record that came with its own problem (truncated shard, duplicate member, missing file...) is
+    reported by that reason, before its (absent) caption could be blamed."""
+    if record.problem is not None:
+        raise BadSample(*record.problem)
 
 
 def _stored_caption(raw: object, cfg: DataConfig) -> str | list[str]:
@@ -162,6 +170,7 @@ def validate_records(records: Iterable[RawRecord], cfg: DataConfig, progress: An
     stats = ExportStats(source=cfg.source)
     for record in _counted(records, stats, progress):
         try:
+            raise_known_problem(record)
             _stored_caption(record.caption, cfg)
             decode_record(record, cfg)
         except BadSample as e:

@@ -148,3 +148,22 @@ def test_emoji_prepare_writes_white_backed_train_and_val_shards(tmp_path, monkey
     contents = shard_contents(tmp_path / "emoji" / "val")
     assert all((sample["pixels"] == 255).all() for sample in contents.values()), "transparent must be white"
     assert prepare_data.main(["--emoji", str(tmp_path / "emoji")])["seconds"] == stats["seconds"]  # reused
+
+
+def test_validate_and_prepare_name_shard_problems_by_their_real_reason(tmp_path, capsys):
+    """A truncated shard and a key with two images are not "missing_caption" (the record's own
+    problem is reported before its caption is looked at)."""
+    shards = tmp_path / "shards"
+    duplicate = [("dup00.png", fx.encode(fx.textured(0))), ("dup00.png", fx.encode(fx.textured(1))),
+                 ("dup00.txt", b"two images, one key")]
+    fx.write_tar(shards / "shard-000000.tar", fx.good_members(0, 2) + duplicate)
+    cut = fx.write_tar(shards / "shard-000001.tar", fx.good_members(10, 3))
+    data = cut.read_bytes()
+    cut.write_bytes(data[: data.index(b"s00012.png") + 600])  # inside the last sample's image
+    summary = prepare_data.main(["--data", str(shards), "--validate"])
+    printed = capsys.readouterr().out
+    assert summary["skipped"] == {"duplicate_member": 1, "truncated_shard": 1}, summary
+    assert "duplicate_member\tdup00" in printed and "truncated_shard\ts00012" in printed
+    assert summary["samples_usable"] == 4
+    stats = prepare_data.main(["--data", str(shards), "--out", str(tmp_path / "out")])
+    assert stats["skipped"] == {"duplicate_member": 1, "truncated_shard": 1}
