@@ -1,0 +1,134 @@
+"""ldm/init_from.py: a UNet from our pipeline, a stock StableDiffusionPipeline or a unet/ folder, with checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from _pretrained_fixtures import hub_cache, sd_pipeline_dir, stock_unet, use_hub_cache
+from _tiny_runs import make_captioned_folder
+from test_pipeline_fixtures import single_thread, tiny_bert_dir, tiny_clip_dir, tiny_pipeline  # noqa: F401
+from text_encoder import FingerprintMismatch, load_text_encoder
+
+from autoencoder.folder import read_latent_contract
+from ldm.init_from import InitFromError, check_stages, load_unet, resolve_unet_source, unet_config_from
+from ldm.manifest import PipelineMismatchError
+from ldm.unet import UNET_PRESETS, unet_kwargs
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    """One of our pipeline folders (tiny, CLIP text encoder) and the stage folders it was built from."""
+    root = tmp_path_factory.mktemp("ours")
+    tiny_pipeline(root).save_pretrained(root / "pipe")
+    return root
+
+
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory):
+    return sd_pipeline_dir(tmp_path_factory.mktemp("stock"))
+
+
+def _same(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_every_form_resolves_and_loads_the_source_unet(ours, stock, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    use_hub_cache(monkeypatch, hub_cache(tmp_path, "org/sd-pipe", stock))
+    reference = UNet2DConditionModel.from_pretrained(stock / "unet")
+    cases = {str(ours / "pipe"): "our_pipeline", str(stock): "stock_pipeline", str(stock / "unet"): "unet_folder",
+             "hf:org/sd-pipe": "stock_pipeline"}
+    for spec, kind in cases.items():
+        source = resolve_unet_source(spec)
+        assert source.kind == kind, spec
+        unet = load_unet(source, cross_attention_dim=32, latent_channels=4)
+        expected = UNet2DConditionModel.from_pretrained(ours / "pipe" / "unet") if "ours" in str(spec) else reference
+        assert _same(unet, expected), spec
+    record = resolve_unet_source(str(ours / "pipe")).record()
+    assert record["manifest_id"] and record["kind"] == "our_pipeline" and record["unet_sha256"]
+    assert resolve_unet_source("hf:org/sd-pipe").revision == "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_widths_that_do_not_fit_are_refused_naming_both_numbers(stock):
+    source = resolve_unet_source(str(stock))
+    with pytest.raises(InitFromError, match="width 32.*outputs width 48"):
+        load_unet(source, cross_attention_dim=48, latent_channels=4)
+    with pytest.raises(InitFromError, match="in_channels=4.*has 16 latent channels"):
+        load_unet(source, cross_attention_dim=32, latent_channels=16)
+
+
+def test_bad_sources_are_refused(ours, tmp_path):
+    with pytest.raises(InitFromError, match="no such folder"):
+        resolve_unet_source(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InitFromError, match="neither a pipeline folder"):
+        resolve_unet_source(str(tmp_path / "empty"))
+    changed = tmp_path / "changed"
+    shutil.copytree(ours / "pipe", changed)
+    weights = changed / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PipelineMismatchError, match="unet/diffusion_pytorch_model.safetensors has changed"):
+        resolve_unet_source(str(changed))
+    pickled = tmp_path / "pickled"
+    stock_unet().save_pretrained(pickled, safe_serialization=False)
+    with pytest.raises(InitFromError, match="pickle files are never loaded"):
+        resolve_unet_source(str(pickled))
+
+
+def test_our_manifest_checks_the_autoencoder_and_text_encoder(ours, tmp_path):
+    from _tiny_runs import make_tiny_autoencoder_folder
+
+    source = resolve_unet_source(str(ours / "pipe"))
+    clip = load_text_encoder(f"hf:{ours / 'clip'}")
+    same = read_latent_contract(ours / "vae").to_json_dict()
+    assert check_stages(source, same, clip) == []
+    images = make_captioned_folder(tmp_path / "img", n=4, size=32)
+    other = read_latent_contract(make_tiny_autoencoder_folder(tmp_path / "other_vae", images)).to_json_dict()
+    with pytest.raises(InitFromError, match="another autoencoder's latents.*--allow-new-autoencoder"):
+        check_stages(source, other, clip)
+    (warning,) = check_stages(source, other, clip, allow_new_autoencoder=True)
+    assert "allowed by --allow-new-autoencoder" in warning
+    bert = load_text_encoder(f"hf:{tiny_bert_dir(tmp_path)}")
+    with pytest.raises(FingerprintMismatch, match="init-from"):
+        check_stages(source, same, bert)
+
+
+def test_stock_pipeline_checks_what_it_can(stock, tmp_path):
+    from launch.import_vae import main as import_vae
+
+    images = make_captioned_folder(tmp_path / "img", n=8, size=32)
+    common = ["--data", str(images), "--data.resolution", "32", "--run.num-workers", "0"]
+    import_vae(["--source", str(stock), "--normalization", "source", "--run.output-dir", str(tmp_path / "a"), *common])
+    import_vae(["--source", str(stock), "--run.output-dir", str(tmp_path / "b"), *common])
+    source = resolve_unet_source(str(stock))
+    clip = load_text_encoder(f"hf:{stock}")  # SRC's own text_encoder/ + tokenizer/
+    kept = read_latent_contract(tmp_path / "a" / "model").to_json_dict()
+    assert check_stages(source, kept, clip) == []
+    (warning,) = check_stages(source, read_latent_contract(tmp_path / "b" / "model").to_json_dict(), clip)
+    assert "--normalization source" in warning
+    ours = tiny_pipeline(tmp_path / "ours")
+    trained_here = read_latent_contract(ours.vae_dir).to_json_dict()
+    with pytest.raises(InitFromError, match="trained here"):
+        check_stages(source, trained_here, clip)
+    with pytest.raises(FingerprintMismatch):
+        check_stages(source, kept, load_text_encoder(f"hf:{tiny_bert_dir(tmp_path)}"))
+    (warning,) = check_stages(resolve_unet_source(str(stock / "unet")), kept, clip)
+    assert "cannot be checked" in warning
+
+
+def test_unet_config_from_reads_back_what_we_build_and_refuses_what_we_cannot_express():
+    for name in ("tiny", "small", "sd15"):
+        config = {"_class_name": "UNet2DConditionModel", **unet_kwargs(UNET_PRESETS[name], 768, 4)}
+        config = json.loads(json.dumps(config))  # tuples become lists, as in a config.json
+        assert unet_config_from(config) == UNET_PRESETS[name], name
+    sd2 = json.loads(json.dumps(unet_kwargs(UNET_PRESETS["sd15"], 1024, 4)))
+    sd2["attention_head_dim"] = [5, 10, 20, 20]  # SD 2.x: heads per level
+    assert unet_config_from(sd2) is None
+    assert unet_config_from({**sd2, "attention_head_dim": 8, "upcast_attention": True}) is None
