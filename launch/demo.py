@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from launch.pictures import labelled_grid
+from launch.evaluation.pictures import labelled_grid
 from ldm.cli import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent

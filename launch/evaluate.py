@@ -28,13 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from data import DataConfig, iterate_once
-from launch import eval_features as features
-from launch.eval_features import cat_rows, encode_all, pil_to_uint8, to_uint8
-from launch.eval_metrics import clip_scores, compare_sets, gather_rows, share, skipped
-from launch.eval_reconstruction import evaluate_autoencoder
-from launch.eval_report import collect_skipped, plot_tradeoff, summary_lines, write_json
-from launch.pictures import labelled_grid
-from launch.runtime import RunConfig, setup_accelerator
+from launch.evaluation import features
+from launch.evaluation.features import cat_rows, encode_all, pil_to_uint8, to_uint8
+from launch.evaluation.distances import clip_scores, compare_sets, gather_rows, share, skipped
+from launch.evaluation.reconstruction import evaluate_autoencoder
+from launch.evaluation.report import collect_skipped, plot_tradeoff, summary_lines, write_json
+from launch.evaluation.pictures import labelled_grid
+from launch.training.accelerator import setup_accelerator
+from launch.training.config import RunConfig
 from ldm.cli import parse_config, save_config, to_dict
 
 

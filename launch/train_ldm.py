@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +22,15 @@ import torch
 
 from autoencoder.folder import load_autoencoder
 from data import DataConfig
-from launch import ldm_steps
-from launch.checkpoint import CheckpointManager, TrainState
-from launch.metrics import MetricsLogger, accumulate_logs, progress_bar, reduce_logs
-from launch.runtime import (
-    EMA, GradScalerState, PreemptionFlag, RunConfig, StepGuard, end_of_loop, end_of_step, make_generators,
-    make_lr_schedule, mark_finished, run_finished, setup_accelerator,
-)
-from ldm.cli import parse_config, save_config, to_dict
+from launch.training import ldm_stage
+from launch.training.accelerator import make_generators, setup_accelerator
+from launch.training.checkpoint import TrainState
+from launch.training.config import RunConfig
+from launch.training.ema import EMA
+from launch.training.ldm_stage import UNetStep
+from launch.training.optim import GradScalerState, make_lr_schedule
+from launch.training.run import TrainingRun, already_finished
+from ldm.cli import parse_config, to_dict
 from ldm.conditioning import DEFAULT_P_UNCOND
 from ldm.objective import DIFFUSION_PRESETS, DiffusionConfig, DiffusionObjective
 from ldm.unet import UNET_PRESETS, UNetConfig, build_unet
@@ -103,16 +103,12 @@ def train(cfg: TrainLDMConfig) -> Path:
     run = cfg.run
     acc = setup_accelerator(run)
     out = Path(run.output_dir)
-    if run_finished(out / "pipeline", run):
-        acc.print(f"{out / 'pipeline'} is complete for this step/time budget; nothing to do.")
-        acc.end_training()
+    if already_finished(acc, out / "pipeline", run):
         return out / "pipeline"
     # Frozen stages 1 and 2.
     vae, contract = load_autoencoder(cfg.vae)
     # sample_size only tells diffusers the default image size: the training resolution in latents.
     cfg.unet = dataclasses.replace(cfg.unet, sample_size=cfg.data.resolution // contract.downsample_factor)
-    if acc.is_main_process:
-        save_config(cfg, out / "config.json")
     vae.to(acc.device).eval().requires_grad_(False)
     text_encoder = load_text_encoder(cfg.text_encoder, device=acc.device)
     null_hidden = text_encoder.null_embedding().hidden.to(acc.device)  # [1, L, D]
@@ -122,7 +118,7 @@ def train(cfg: TrainLDMConfig) -> Path:
     unet = build_unet(cfg.unet, text_encoder.hidden_size, contract.latent_channels)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    batches = ldm_steps.Batches(cfg, acc, vae, text_encoder, contract.to_json_dict())
+    batches = ldm_stage.Batches(cfg, acc, vae, text_encoder, contract.to_json_dict())
     objective = DiffusionObjective(cfg.diffusion)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                             fused=acc.device.type == "cuda")
@@ -137,59 +133,35 @@ def train(cfg: TrainLDMConfig) -> Path:
     state = TrainState(
         modules={"unet": raw, **({"ema": ema} if ema else {})}, optimizers={"unet": opt},
         shared={"lr": sched, "grad_scaler": GradScalerState(acc)}, generators=gens,
-        per_rank={"data": batches.loader}, counters={"train_seconds": 0, "skipped": 0},
+        per_rank={"data": batches.loader},
     )
-    ckpt = CheckpointManager(out / "checkpoints", acc, keep_last=run.keep_last)
-    resumed = ckpt.resume(state)
-    acc.print(f"resumed from {resumed} at step {state.step}" if resumed else f"fresh run -> {out}")
+    tr = TrainingRun(acc, run, state, what="stage 3: UNet", config=to_dict(cfg))
+    step = UNetStep(acc, unet, objective, opt, batches, null_hidden, cfg.p_uncond, gens, run, tr.guard)
+    evaluator = ldm_stage.Evaluator(cfg, acc, vae, text_encoder, objective, out)
 
-    guard = StepGuard(acc, run, PreemptionFlag())
-    guard.total_skipped = state.counters["skipped"]
-    guard.start_clock(run, state.counters["train_seconds"])
-    logger = MetricsLogger(acc, out, run.report_to, out.name, to_dict(cfg))
-    evaluator = ldm_steps.Evaluator(cfg, acc, vae, text_encoder, objective, out, cfg.unet)
-    bar = progress_bar(acc, state.step, run.max_steps, "stage 3: UNet")
-    sums: dict = {}
-    t_start, step0, stop = time.time(), state.step, False
-    t0 = t_start - state.counters["train_seconds"]  # training time carries over a resume
-
-    while state.step < run.max_steps and not stop:
-        logs, applied, stop = ldm_steps.train_step(acc, unet, objective, opt, batches, null_hidden, cfg.p_uncond,
-                                                   gens, run, guard, state.step)
+    while tr.running:
+        logs, applied = ldm_stage.train_step(step, tr.step)
         if applied:  # a skipped (non-finite) step advances neither the schedule nor the EMA
             sched.step()
             if ema is not None:
                 ema.update(raw)
-        state.counters["skipped"] = guard.total_skipped
-        state.step += 1
-        state.counters["train_seconds"] = round(time.time() - t0, 3)
-        bar.update(1)
-        accumulate_logs(sums, logs)
-        last = state.step >= run.max_steps or guard.time_up
-        if state.step % run.log_every == 0 or last:
-            speed = (state.step - step0) * run.batch_size * run.grad_accum_steps * acc.num_processes / (time.time() - t_start)
-            row = reduce_logs(acc, sums, lr=sched.get_last_lr()[0], images_per_s=speed, skipped_steps=guard.total_skipped)
-            logger.log(state.step, row)
-            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
-        if state.step % cfg.val_every == 0 or last:
+        tr.end_step(logs)
+        tr.log_training(lr=sched.get_last_lr()[0], show="loss")
+        if tr.due(cfg.val_every):
             scores = evaluator.validation_loss(unet, ema)
-            if scores:
-                logger.log(state.step, scores, kind="val")
-                bar.write(f"step {state.step}: held-out loss {scores['val_loss']:.4f}")
-        if state.step % cfg.sample_every == 0 or last:
-            evaluator.sample_grid(unet, ema, state.step)
-        end_of_step(ckpt, state, run, acc, stop, last)
-        if last:
-            break
-    bar.close()
-    end_of_loop(acc, raw, "UNet", guard, logger, state.step, stop)
+            tr.log_validation(scores, f"held-out loss {scores.get('val_loss', float('nan')):.4f}")
+        if tr.due(cfg.sample_every):
+            tr.log_image("samples", evaluator.sample_grid(unet, ema, tr.step))
+        tr.save_checkpoint_if_due()
+    tr.end_loop(raw, "UNet")
+    if tr.preempted:
+        tr.exit_preempted()
 
-    folder = ldm_steps.export(cfg, acc, unet, ema, evaluator, out, to_dict(cfg))
+    folder = ldm_stage.export(cfg, acc, unet, ema, vae, text_encoder, objective, out, to_dict(cfg))
+    tr.mark_finished(folder)
     if acc.is_main_process:
-        mark_finished(folder, state.step, state.counters["train_seconds"])
-        ldm_steps.plot(out)
-    logger.close()
-    acc.end_training()  # tear gloo/NCCL down now: left to interpreter exit it can abort a rank
+        ldm_stage.plot(out)
+    tr.close()
     return folder
 
 

@@ -11,9 +11,7 @@ zero mean and unit variance per channel (``latent_contract.json`` records the st
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,23 +24,15 @@ from autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, TrainableAutoenc
 from autoencoder.discriminator import build_discriminator
 from autoencoder.losses import AUTOENCODER_LOSS_PRESETS, AutoencoderLoss, AutoencoderLossConfig
 from data import DataConfig, build_loader
-from launch import vae_steps
-from launch.checkpoint import CheckpointManager, TrainState
-from launch.metrics import MetricsLogger, accumulate_logs, progress_bar, reduce_logs
-from launch.runtime import (
-    EMA,
-    GradScalerState,
-    PreemptionFlag,
-    RunConfig,
-    StepGuard,
-    make_generators,
-    make_lr_schedule,
-    end_of_loop,
-    end_of_step,
-    run_finished,
-    setup_accelerator,
-)
-from ldm.cli import parse_config, save_config
+from launch.training import vae_stage
+from launch.training.accelerator import make_generators, setup_accelerator
+from launch.training.checkpoint import TrainState
+from launch.training.config import RunConfig
+from launch.training.ema import EMA
+from launch.training.optim import GradScalerState, make_lr_schedule
+from launch.training.run import TrainingRun, already_finished
+from launch.training.vae_stage import AutoencoderStep
+from ldm.cli import parse_config, to_dict
 
 
 @dataclass
@@ -90,12 +80,8 @@ def train(cfg: TrainVAEConfig) -> Path:
     run = cfg.run
     acc = setup_accelerator(run)
     out = Path(run.output_dir)
-    if run_finished(out / "model", run):
-        acc.print(f"{out / 'model'} is complete for this step/time budget; nothing to do.")
-        acc.end_training()
+    if already_finished(acc, out / "model", run):
         return out / "model"
-    if acc.is_main_process:
-        save_config(cfg, out / "config.json")
 
     # Data: our own per-rank split, so the data position is ours to checkpoint.
     loader = build_loader(cfg.data, batch_size=run.batch_size, seed=run.seed, rank=acc.process_index,
@@ -118,60 +104,37 @@ def train(cfg: TrainVAEConfig) -> Path:
         modules={"autoencoder": raw, "discriminator": acc.unwrap_model(disc), **({"ema": ema} if ema else {})},
         optimizers={"autoencoder": opt_g, "discriminator": opt_d},
         shared={"lr_autoencoder": sched_g, "lr_discriminator": sched_d, "grad_scaler": GradScalerState(acc)},
-        generators=gens, per_rank={"data": loader}, counters={"train_seconds": 0, "skipped": 0},
+        generators=gens, per_rank={"data": loader},
     )
-    ckpt = CheckpointManager(out / "checkpoints", acc, keep_last=run.keep_last)
-    resumed = ckpt.resume(state)
-    acc.print(f"resumed from {resumed} at step {state.step}" if resumed else f"fresh run -> {out}")
+    tr = TrainingRun(acc, run, state, what="stage 1: autoencoder", config=to_dict(cfg))
+    step = AutoencoderStep(acc, model, disc, loss_fn, opt_g, opt_d, gens["posterior"], run, tr.guard)
+    val = vae_stage.Validator(cfg, acc, out) if cfg.val_data else None
+    batches = iter(loader)
 
-    guard = StepGuard(acc, run, PreemptionFlag())
-    guard.total_skipped = state.counters["skipped"]
-    guard.start_clock(run, state.counters["train_seconds"])
-    logger = MetricsLogger(acc, out, run.report_to, out.name, {"model": cfg.model.to_dict()})
-    val = vae_steps.Validator(cfg, acc, out) if cfg.val_data else None
-    bar = progress_bar(acc, state.step, run.max_steps, "stage 1: autoencoder")
-    batches, sums = iter(loader), {}
-    t_start, step0, stop = time.time(), state.step, False
-    t0 = t_start - state.counters["train_seconds"]  # training time carries over a resume
-
-    while state.step < run.max_steps and not stop:
-        xs = vae_steps.micro_batches(batches, run.grad_accum_steps, acc.device)
-        logs, applied, stop = vae_steps.train_step(acc, model, disc, loss_fn, opt_g, opt_d, xs, state.step,
-                                                   gens["posterior"], run, guard)
+    while tr.running:
+        xs = vae_stage.micro_batches(batches, run.grad_accum_steps, acc.device)
+        logs, applied = vae_stage.train_step(step, xs, tr.step)
         if applied:  # a skipped (non-finite) step advances neither the schedules nor the EMA
             sched_g.step()
-            if loss_fn.discriminator_active(state.step):
+            if loss_fn.discriminator_active(tr.step):
                 sched_d.step()  # its warmup starts when the GAN switches on
             if ema is not None:
                 ema.update(raw)
-        state.counters["skipped"] = guard.total_skipped
-        state.step += 1
-        state.counters["train_seconds"] = round(time.time() - t0, 3)
-        bar.update(1)
-        accumulate_logs(sums, logs)
-        last = state.step >= run.max_steps or guard.time_up
-        if state.step % run.log_every == 0 or last:
-            speed = (state.step - step0) * run.batch_size * run.grad_accum_steps * acc.num_processes / (time.time() - t_start)
-            row = reduce_logs(acc, sums, lr=sched_g.get_last_lr()[0], images_per_s=speed,
-                                        skipped_steps=state.counters["skipped"])
-            logger.log(state.step, row)
-            bar.set_postfix(rec=f"{row.get('reconstruction', math.nan):.4f}")
-        if val is not None and (state.step % cfg.val_every == 0 or last):
-            scores = val.run(model, ema, state.step)
-            logger.log(state.step, scores, kind="val")
-            if scores:
-                bar.write(f"step {state.step}: validation {vae_steps.describe(scores)}")
-        end_of_step(ckpt, state, run, acc, stop, last)
-        if last:
-            break
-    bar.close()
-    end_of_loop(acc, acc.unwrap_model(model), "autoencoder", guard, logger, state.step, stop)
+        tr.end_step(logs)
+        tr.log_training(lr=sched_g.get_last_lr()[0], show="reconstruction")
+        if val is not None and tr.due(cfg.val_every):
+            scores = val.run(model, ema, tr.step)
+            tr.log_validation(scores, f"validation {vae_stage.describe(scores)}")
+        tr.save_checkpoint_if_due()
+    tr.end_loop(raw, "autoencoder")
+    if tr.preempted:
+        tr.exit_preempted()
 
-    model_dir = vae_steps.export(cfg, acc, model, ema, out, state.step, state.counters["train_seconds"])
+    model_dir = vae_stage.export(cfg, acc, model, ema, out)
+    tr.mark_finished(model_dir)
     if acc.is_main_process:
-        vae_steps.plot(out)
-    logger.close()
-    acc.end_training()  # tear gloo/NCCL down now: left to interpreter exit it can abort a rank
+        vae_stage.plot(out)
+    tr.close()
     return model_dir
 
 

@@ -13,7 +13,6 @@ folder whose stages do not fit together.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,34 +114,20 @@ class LatentDiffusionPipeline:
             manifest=manifest,
         )
 
-    def save_pretrained(
-        self,
-        out_dir: str | Path,
-        ema_weights: Mapping[str, torch.Tensor] | None = None,
-        overwrite: bool = False,
-    ) -> str:
-        """Write the diffusers-layout folder + manifest atomically; returns the manifest id.
-
-        ``ema_weights`` ({parameter name: tensor}, e.g. the EMA shadow) replace the UNet's
-        parameters in the saved copy; the UNet in memory is not changed.
-        """
-        unet = self.unet
-        if ema_weights is not None:
-            unet = _with_weights(self.unet, ema_weights)
+    def save_pretrained(self, out_dir: str | Path, overwrite: bool = False) -> str:
+        """Write the diffusers-layout folder + manifest atomically; returns the manifest id."""
         manifest = write_pipeline(
             Path(out_dir),
-            unet=unet,
+            unet=self.unet,
             vae_dir=self.vae_dir,
             text_encoder=self.text_encoder,
             schedule=self.schedule,
             default_sampler=self.default_sampler,
             unet_config=self.unet_config,
             training_config=self.training_config,
-            ema=ema_weights is not None,
             overwrite=overwrite,
         )
-        if ema_weights is None:  # the folder now holds exactly this pipeline: images can cite its id
-            self.manifest = manifest
+        self.manifest = manifest  # the folder now holds exactly this pipeline: images can cite its id
         return manifest["manifest_id"]
 
     # -- properties -----------------------------------------------------------------------------
@@ -305,21 +290,6 @@ def _generators(
     if isinstance(generator, list) and len(generator) != n:
         raise ValueError(f"{len(generator)} generators for {n} images; pass one per image or a single one")
     return generator, [None] * n
-
-
-def _with_weights(unet: UNet2DConditionModel, weights: Mapping[str, torch.Tensor]) -> UNet2DConditionModel:
-    names = {n for n, _ in unet.named_parameters()}
-    if set(weights) != names:
-        missing, extra = sorted(names - set(weights)), sorted(set(weights) - names)
-        raise ValueError(
-            f"ema_weights do not match the UNet's parameters (missing {missing[:3]}, unexpected {extra[:3]})"
-        )
-    out = copy.deepcopy(unet)
-    params = dict(out.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].dtype))
-    return out
 
 
 def _check_stages_fit(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: FrozenTextEncoder) -> None:

@@ -92,7 +92,6 @@ def write_pipeline(
     default_sampler: str,
     unet_config: UNetConfig | None,
     training_config: Mapping[str, Any],
-    ema: bool,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the whole folder into a temporary sibling, manifest last, then rename it into place."""
@@ -126,7 +125,6 @@ def write_pipeline(
             "unet": {
                 "config": to_dict(unet_config) if unet_config is not None else None,
                 "parameters": sum(p.numel() for p in unet.parameters()),
-                "ema": ema,
             },
             "autoencoder": {
                 "factor": 2 ** (len(vae_config["block_out_channels"]) - 1),

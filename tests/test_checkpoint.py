@@ -8,8 +8,11 @@ import os
 import pytest
 import torch
 
-from launch.checkpoint import CheckpointError, CheckpointManager, TrainState, step_dir_name
-from launch.runtime import EMA, RunConfig, make_generators, make_lr_schedule
+from launch.training.checkpoint import CheckpointError, CheckpointManager, TrainState, step_dir_name
+from launch.training.accelerator import make_generators
+from launch.training.config import RunConfig
+from launch.training.ema import EMA
+from launch.training.optim import make_lr_schedule
 
 
 class OneProcess:
@@ -151,7 +154,7 @@ def test_resume_refuses_a_different_process_count(tmp_path):
     shared["world_size"] = 2
     (path / "state.json").write_text(json.dumps(shared))
     manifest = json.loads((path / "manifest.json").read_text())
-    from launch.checkpoint import sha256_file
+    from launch.training.checkpoint import sha256_file
 
     manifest["files"]["state.json"] = sha256_file(path / "state.json")
     (path / "manifest.json").write_text(json.dumps(manifest))

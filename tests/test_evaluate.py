@@ -194,8 +194,8 @@ def test_inception_route_equals_torchmetrics_fid_on_images(inception_file):
     from safetensors.torch import load_file
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from launch.eval_features import inception_space
-    from launch.eval_metrics import frechet_distance
+    from launch.evaluation.features import inception_space
+    from launch.evaluation.distances import frechet_distance
 
     generator = torch.Generator().manual_seed(0)
     real, fake = (torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(2))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from launch.eval_features import FeatureUnavailable, _resolve_openclip, load_openclip
-from launch.eval_metrics import frechet_distance, kernel_distance, share
+from launch.evaluation.features import FeatureUnavailable, _resolve_openclip, load_openclip
+from launch.evaluation.distances import frechet_distance, kernel_distance, share
 
 ARCH = "TinyCLIP-evaluate-test"
 TINY = {

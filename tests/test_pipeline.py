@@ -73,17 +73,21 @@ def test_images_do_not_depend_on_batching(built):
     assert not np.array_equal(a[2], a[3])  # different seeds, different images
 
 
-def test_save_with_ema_weights_leaves_the_live_unet_alone(built, tmp_path):
+def test_saving_an_ema_copy_leaves_the_live_unet_alone(built, tmp_path):
+    from launch.training.ema import EMA, averaged_copy
+
     pipe = built[0]
     before = {n: p.clone() for n, p in pipe.unet.named_parameters()}
-    ema = {n: torch.full_like(p, 0.01) for n, p in pipe.unet.named_parameters()}
-    pipe.save_pretrained(tmp_path / "ema", ema_weights=ema)
+    ema = EMA(pipe.unet, decay=0.9)
+    for shadow in ema.weights().values():
+        shadow.fill_(0.01)
+    ema_pipe = LatentDiffusionPipeline(averaged_copy(pipe.unet, ema), pipe.vae, pipe.text_encoder, pipe.schedule,
+                                       vae_dir=pipe.vae_dir, unet_config=pipe.unet_config)
+    ema_pipe.save_pretrained(tmp_path / "ema")
     loaded = LatentDiffusionPipeline.from_pretrained(tmp_path / "ema")
     assert all(torch.all(p == 0.01) for p in loaded.unet.parameters())
     assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
-    assert json.loads((tmp_path / "ema" / MANIFEST_NAME).read_text())["unet"]["ema"] is True
-    with pytest.raises(ValueError, match="ema_weights do not match"):
-        pipe.save_pretrained(tmp_path / "bad", ema_weights={"conv_in.weight": ema["conv_in.weight"]})
+    assert averaged_copy(pipe.unet, None) is not pipe.unet  # without EMA: a copy of the live weights
 
 
 def test_existing_folder_needs_overwrite_and_failed_save_leaves_nothing(built, tmp_path, monkeypatch):

@@ -9,7 +9,10 @@ import signal
 import pytest
 import torch
 
-from launch.runtime import EMA, PreemptionFlag, RunConfig, StepGuard, TooManySkippedSteps, make_generators
+from launch.training.accelerator import make_generators
+from launch.training.config import RunConfig
+from launch.training.ema import EMA
+from launch.training.guard import PreemptionFlag, StepGuard, TooManySkippedSteps
 from ldm.cli import ConfigError, parse_config, save_config
 
 

@@ -16,9 +16,9 @@ import torch
 from autoencoder import load_autoencoder, reconstruction_metrics
 from autoencoder.perceptual import PerceptualLoss, PerceptualWeightsMissing, build_perceptual_loss
 from data import DataConfig, iterate_once
-from launch.eval_features import FeatureSpace, cat_rows, encode_all, to_uint8
-from launch.eval_metrics import compare_sets, gather_rows, share, skipped
-from launch.pictures import reconstruction_grid
+from launch.evaluation.features import FeatureSpace, cat_rows, encode_all, to_uint8
+from launch.evaluation.distances import compare_sets, gather_rows, share, skipped
+from launch.evaluation.pictures import reconstruction_grid
 
 GRID_IMAGES = 8
 

@@ -1,33 +1,51 @@
 """The pieces of stage-1 training that would crowd train_vae.py: one optimizer step, validation,
-log reduction, and the final export with latent statistics."""
+and the final export with latent statistics."""
 
 from __future__ import annotations
 
-import copy
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from autoencoder import TrainableAutoencoder
 from autoencoder.folder import save_autoencoder
 from autoencoder.latents import LatentStatistics, fold_latent_statistics
 from autoencoder.metrics import reconstruction_metrics
 from data import iterate_once
-from launch.pictures import plot_curves, reconstruction_grid
-from launch.metrics import add_logs, read_metrics
-from launch.runtime import EMA, RunConfig, StepGuard, mark_finished
+from autoencoder.losses import AutoencoderLoss
+from launch.evaluation.pictures import plot_curves, reconstruction_grid
+from launch.training.config import RunConfig
+from launch.training.ema import EMA, averaged_copy
+from launch.training.guard import StepGuard
+from launch.training.tracking import add_logs, read_metrics
 
 
-def train_step(acc, model, disc, loss_fn, opt_g, opt_d, micro_batches: list[torch.Tensor], step: int,
-               generator: torch.Generator, run: RunConfig, guard: StepGuard) -> tuple[dict[str, torch.Tensor], bool, bool]:
+@dataclass
+class AutoencoderStep:
+    """What one stage-1 optimizer step works on (the models are the accelerate-prepared ones)."""
+
+    acc: Any  # accelerate.Accelerator
+    model: torch.nn.Module  # TrainableAutoencoder, DDP-wrapped when distributed
+    disc: torch.nn.Module
+    loss_fn: AutoencoderLoss
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    generator: torch.Generator  # posterior samples
+    run: RunConfig
+    guard: StepGuard
+
+
+def train_step(s: AutoencoderStep, micro_batches: list[torch.Tensor], step: int) -> tuple[dict[str, torch.Tensor], bool]:
     """One optimizer step of the autoencoder (and the discriminator once the GAN is on).
 
     Gradients are accumulated over ``micro_batches`` with DDP's sync only on the last one.
-    Returns (detached logs, step applied, stop requested) — identical on every rank.
+    Returns (detached logs, step applied), identical on every rank; a preemption request is
+    recorded in ``s.guard``.
     """
+    acc, model, disc, loss_fn, opt_g, opt_d, run = s.acc, s.model, s.disc, s.loss_fn, s.opt_g, s.opt_d, s.run
     raw = acc.unwrap_model(model)
     gan_on = loss_fn.discriminator_active(step)
     n = len(micro_batches)
@@ -35,7 +53,7 @@ def train_step(acc, model, disc, loss_fn, opt_g, opt_d, micro_batches: list[torc
     recons = []
     for i, x in enumerate(micro_batches):
         with acc.no_sync(model) if i < n - 1 else nullcontext():
-            out = model(x, generator=generator)
+            out = model(x, generator=s.generator)
             loss, step_logs = loss_fn.generator_loss(x, out.reconstruction, out.posterior, out.output_logvar, step,
                                                      raw.last_layer() if gan_on else None, disc if gan_on else None)
             acc.backward(loss / n)
@@ -49,7 +67,7 @@ def train_step(acc, model, disc, loss_fn, opt_g, opt_d, micro_batches: list[torc
                 acc.backward(loss_d / n)
             add_logs(logs, d_logs, 1 / n)
         norm = norm + acc.clip_grad_norm_(disc.parameters(), run.max_grad_norm or math.inf)  # NaN/inf propagate
-    applied, stop = guard.check(norm, step)
+    applied, _ = s.guard.check(norm, step)
     if applied:
         opt_g.step()
         if gan_on:
@@ -57,7 +75,7 @@ def train_step(acc, model, disc, loss_fn, opt_g, opt_d, micro_batches: list[torc
     opt_g.zero_grad(set_to_none=True)
     opt_d.zero_grad(set_to_none=True)
     logs["grad_norm"] = norm.detach().float()
-    return logs, applied, stop
+    return logs, applied
 
 
 class Validator:
@@ -66,11 +84,12 @@ class Validator:
     def __init__(self, cfg, acc, out: Path):
         self.acc = acc
         self.out = out
+        self.batch_size = cfg.run.eval_batch_size
         self.images: torch.Tensor | None = None
         if acc.is_main_process:
             data = cfg.data.replace(source=cfg.val_data)
             batches, n = [], 0
-            for batch in iterate_once(data, batch_size=64):
+            for batch in iterate_once(data, batch_size=self.batch_size):
                 batches.append(batch["pixel_values"])
                 n += len(batch["pixel_values"])
                 if n >= cfg.val_samples:
@@ -78,22 +97,17 @@ class Validator:
             if not batches:
                 raise SystemExit(f"--val-data {cfg.val_data}: no usable images found")
             self.images = torch.cat(batches)[: cfg.val_samples]
-        self.eval_model: TrainableAutoencoder | None = None
+        self.eval_model: torch.nn.Module | None = None  # the EMA copy, refilled at each validation
 
     @torch.no_grad()
     def run(self, model, ema: EMA | None, step: int) -> dict[str, float]:
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return {}
-        raw = self.acc.unwrap_model(model)
-        if self.eval_model is None:
-            self.eval_model = copy.deepcopy(raw).eval()
-        self.eval_model.load_state_dict(raw.state_dict())
-        if ema is not None:
-            ema.copy_to(self.eval_model)
+        self.eval_model = averaged_copy(self.acc.unwrap_model(model), ema, into=self.eval_model)
         scores: dict[str, list[torch.Tensor]] = {}
         recons = []
-        for chunk in self.images.split(64):
+        for chunk in self.images.split(self.batch_size):
             x = chunk.to(self.acc.device)
             recon = self.eval_model(x, sample_posterior=False).reconstruction.clamp(-1, 1)
             recons.append(recon[:8].cpu())
@@ -107,14 +121,15 @@ class Validator:
 
 
 @torch.no_grad()
-def measure_latent_statistics(cfg, acc, vae, max_samples: int) -> LatentStatistics:
-    """Per-channel latent mean/std over the training data, summed across all processes."""
+def measure_latent_statistics(data_cfg, acc, vae, max_samples: int, batch_size: int) -> LatentStatistics:
+    """Per-channel latent mean/std over ``data_cfg``'s images (centre crops, no flips), summed
+    across all processes; ``max_samples`` 0 means all."""
     stats = LatentStatistics(vae.config.latent_channels, device=acc.device)
     generator = torch.Generator(acc.device).manual_seed(acc.process_index)  # posterior samples (see latents.py)
     per_rank = math.ceil(max_samples / acc.num_processes) if max_samples else None
     seen = 0
-    data = cfg.data.replace(crop="center", flip=False)
-    for batch in iterate_once(data, batch_size=64, rank=acc.process_index, world_size=acc.num_processes):
+    data = data_cfg.replace(crop="center", flip=False)
+    for batch in iterate_once(data, batch_size=batch_size, rank=acc.process_index, world_size=acc.num_processes):
         x = batch["pixel_values"].to(acc.device)
         stats.update_from_posterior(vae.encode(x).latent_dist, generator=generator)
         seen += len(x)
@@ -124,18 +139,14 @@ def measure_latent_statistics(cfg, acc, vae, max_samples: int) -> LatentStatisti
     return LatentStatistics.from_tensor(totals.cpu())
 
 
-def export(cfg, acc, model, ema: EMA | None, out: Path, step: int, train_seconds: int) -> Path:
+def export(cfg, acc, model, ema: EMA | None, out: Path) -> Path:
     """EMA weights -> latent statistics (all ranks) -> folded, saved ``out/model`` (rank 0)."""
-    raw = acc.unwrap_model(model)
-    final = copy.deepcopy(raw).eval()
-    if ema is not None:
-        ema.copy_to(final)
-    stats = measure_latent_statistics(cfg, acc, final.vae, cfg.stats_samples)
+    final = averaged_copy(acc.unwrap_model(model), ema)
+    stats = measure_latent_statistics(cfg.data, acc, final.vae, cfg.stats_samples, cfg.run.eval_batch_size)
     model_dir = out / "model"
     if acc.is_main_process:
         contract = fold_latent_statistics(final.vae, stats, cfg.model)
         save_autoencoder(final.vae, contract, model_dir, overwrite=True)
-        mark_finished(model_dir, step, train_seconds)
         acc.print(f"latent mean {[round(v, 3) for v in stats.mean().tolist()]}, "
                   f"std {[round(v, 3) for v in stats.std().tolist()]} (folded into the saved model)")
         acc.print(f"saved {model_dir}")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launch.eval_features import OpenClip
+from launch.evaluation.features import OpenClip
 
 MIN_IMAGES = 2
 """FID needs a covariance: at least two images on each side."""

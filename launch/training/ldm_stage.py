@@ -3,21 +3,22 @@ comes from (on the fly or cached), one optimizer step, held-out loss, sample gri
 
 from __future__ import annotations
 
-import copy
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from data import build_loader, iterate_once
-from launch.pictures import labelled_grid, plot_curves
-from launch.metrics import read_metrics
-from launch.runtime import EMA, RunConfig, StepGuard
-from ldm.cached_loader import CachedLatentLoader, sample_latents
+from launch.evaluation.pictures import labelled_grid, plot_curves
+from launch.training.config import RunConfig
+from launch.training.ema import EMA, averaged_copy
+from launch.training.guard import StepGuard
+from launch.training.tracking import read_metrics
+from ldm.cache import CachedLatentLoader, CacheSpec, ensure_cache, native_encoder_precision, sample_latents
 from ldm.conditioning import drop_captions
-from ldm.latent_cache import ensure_cache
 from ldm.objective import DiffusionObjective
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.unet import unet_denoiser
@@ -37,12 +38,13 @@ class Batches:
         run = cfg.run
         self.cached_text = cfg.cache_text
         if cfg.cache_latents or cfg.cache_text:
-            cache = ensure_cache(
-                cfg.data, cfg.cache_dir or Path(run.output_dir) / "cache", vae=vae, vae_fingerprint=vae_fingerprint,
-                text_encoder=text_encoder if cfg.cache_text else None,
+            spec = CacheSpec(
+                data=cfg.data, cache_dir=cfg.cache_dir or Path(run.output_dir) / "cache", vae_fingerprint=vae_fingerprint,
                 text_fingerprint=text_encoder.fingerprint if cfg.cache_text else None,
-                rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
+                encoder_precision=native_encoder_precision(acc.device), num_workers=run.num_workers,
             )
+            cache = ensure_cache(spec, vae=vae, text_encoder=text_encoder if cfg.cache_text else None,
+                                 rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone)
             self.loader = CachedLatentLoader(cache, batch_size=run.batch_size, seed=run.seed,
                                              rank=acc.process_index, world_size=acc.num_processes)
             self.cached = True
@@ -68,48 +70,72 @@ class Batches:
         return latents.to(device, torch.float32), hidden.to(device, torch.float32)
 
 
-def train_step(acc, unet, objective: DiffusionObjective, opt, batches: Batches, null_hidden: torch.Tensor,
-               p_uncond: float, gens: dict[str, torch.Generator], run: RunConfig,
-               guard: StepGuard, step: int) -> tuple[dict[str, torch.Tensor], bool, bool]:
-    """One optimizer step over ``run.grad_accum_steps`` micro-batches; decisions agree on every rank."""
-    n = run.grad_accum_steps
+@dataclass
+class UNetStep:
+    """What one stage-3 optimizer step works on (``unet`` is the accelerate-prepared, maybe compiled, one)."""
+
+    acc: Any  # accelerate.Accelerator
+    unet: torch.nn.Module
+    objective: DiffusionObjective
+    opt: torch.optim.Optimizer
+    batches: Batches
+    null_hidden: torch.Tensor  # [1, L, D], what a dropped caption becomes
+    p_uncond: float
+    gens: dict[str, torch.Generator]  # "latent", "dropout", "diffusion"
+    run: RunConfig
+    guard: StepGuard
+
+
+def train_step(s: UNetStep, step: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """One optimizer step over ``run.grad_accum_steps`` micro-batches; decisions agree on every rank.
+
+    Returns (detached logs, step applied); a preemption request is recorded in ``s.guard``.
+    """
+    acc, unet, n = s.acc, s.unet, s.run.grad_accum_steps
     logs: dict[str, torch.Tensor] = {}
     denoise = unet_denoiser(unet)
     for i in range(n):
-        latents, hidden = batches.next(gens["latent"])
+        latents, hidden = s.batches.next(s.gens["latent"])
         # Caption dropout for classifier-free guidance: the one place it happens (Ho & Salimans 2022).
-        cond, dropped = drop_captions(hidden, null_hidden, p_uncond, gens["dropout"])
+        cond, dropped = drop_captions(hidden, s.null_hidden, s.p_uncond, s.gens["dropout"])
         with acc.no_sync(unet) if i < n - 1 else nullcontext():
             with acc.autocast():
-                loss, step_logs = objective.loss(denoise, latents, cond, gens["diffusion"])
+                loss, step_logs = s.objective.loss(denoise, latents, cond, s.gens["diffusion"])
             acc.backward(loss / n)
         step_logs = {**step_logs, "loss": loss.detach(), "dropped_fraction": dropped.float().mean()}
         for k, v in step_logs.items():
             logs[k] = logs.get(k, 0) + v.float() / n
-    norm = acc.clip_grad_norm_(unet.parameters(), run.max_grad_norm or math.inf)
-    applied, stop = guard.check(norm, step)
+    norm = acc.clip_grad_norm_(unet.parameters(), s.run.max_grad_norm or math.inf)
+    applied, _ = s.guard.check(norm, step)
     if applied:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
+        s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
     logs["grad_norm"] = norm.detach().float()
-    return logs, applied, stop
+    return logs, applied
+
+
+def compose_pipeline(cfg, unet, vae, text_encoder, objective: DiffusionObjective) -> LatentDiffusionPipeline:
+    """The in-memory pipeline around a bare UNet and the already-loaded frozen stages (no disk reads)."""
+    return LatentDiffusionPipeline(unet, vae, text_encoder, objective.cfg.schedule, vae_dir=cfg.vae,
+                                   default_sampler=cfg.sampler, unet_config=cfg.unet)
 
 
 class Evaluator:
     """Held-out loss at fixed timesteps and sample grids, with the EMA weights, on rank 0."""
 
-    def __init__(self, cfg, acc, vae, text_encoder, objective: DiffusionObjective, out: Path, unet_config):
+    def __init__(self, cfg, acc, vae, text_encoder, objective: DiffusionObjective, out: Path):
         self.cfg, self.acc, self.vae, self.te, self.objective, self.out = cfg, acc, vae, text_encoder, objective, out
-        self.unet_config = unet_config
+        self.batch_size = cfg.run.eval_batch_size
         self.latents = self.hidden = None
         if acc.is_main_process and cfg.val_data:
             self._load_validation(cfg)
-        self.eval_unet = None
+        self.eval_unet: torch.nn.Module | None = None  # the EMA copy, refilled in place each time
+        self.pipe: LatentDiffusionPipeline | None = None  # composed once around eval_unet
 
     @torch.no_grad()
     def _load_validation(self, cfg) -> None:
         latents, hidden, n = [], [], 0
-        for batch in iterate_once(cfg.data.replace(source=cfg.val_data), batch_size=64):
+        for batch in iterate_once(cfg.data.replace(source=cfg.val_data), batch_size=self.batch_size):
             latents.append(self.vae.encode(batch["pixel_values"].to(self.acc.device)).latent_dist.mean)
             hidden.append(self.te.encode(list(batch["captions"])).hidden)
             n += len(batch["captions"])
@@ -120,11 +146,7 @@ class Evaluator:
 
     def _ema_unet(self, unet, ema: EMA | None):
         raw = self.acc.unwrap_model(unet, keep_torch_compile=False)
-        if self.eval_unet is None:
-            self.eval_unet = copy.deepcopy(raw).eval()
-        self.eval_unet.load_state_dict(raw.state_dict())
-        if ema is not None:
-            ema.copy_to(self.eval_unet)
+        self.eval_unet = averaged_copy(raw, ema, into=self.eval_unet)
         return self.eval_unet
 
     @torch.no_grad()
@@ -139,7 +161,7 @@ class Evaluator:
         for t in VAL_TIMESTEPS:
             g = torch.Generator().manual_seed(t)
             total = 0.0
-            for lat, hid in zip(self.latents.split(64), self.hidden.split(64)):
+            for lat, hid in zip(self.latents.split(self.batch_size), self.hidden.split(self.batch_size)):
                 noise = torch.randn(lat.shape, generator=g).to(lat.device)
                 ts = torch.full((len(lat),), t, device=lat.device, dtype=torch.long)
                 noisy = self.objective.scheduler.add_noise(lat, noise, ts)
@@ -149,24 +171,19 @@ class Evaluator:
         out["val_loss"] = sum(out.values()) / len(VAL_TIMESTEPS)
         return out
 
-    def pipeline(self, unet, ema: EMA | None, use_ema: bool = True) -> LatentDiffusionPipeline:
-        model = self._ema_unet(unet, ema) if use_ema else self.acc.unwrap_model(unet, keep_torch_compile=False)
-        return LatentDiffusionPipeline.from_parts(
-            model, self.cfg.vae, self.te, self.objective.cfg.schedule,
-            default_sampler=self.cfg.sampler, unet_config=self.unet_config,
-        )
-
     @torch.no_grad()
     def sample_grid(self, unet, ema: EMA | None, step: int) -> Path | None:
         """Fixed prompts x guidance scales with fixed seeds, one row per guidance scale."""
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process or not self.cfg.sample_prompts:
             return None
-        pipe = self.pipeline(unet, ema)
+        model = self._ema_unet(unet, ema)
+        if self.pipe is None:
+            self.pipe = compose_pipeline(self.cfg, model, self.vae, self.te, self.objective)
         images, labels = [], []
         for scale in self.cfg.sample_guidance:
-            res = pipe.generate(list(self.cfg.sample_prompts), steps=self.cfg.sample_steps, guidance_scale=scale,
-                                seed=0)
+            res = self.pipe.generate(list(self.cfg.sample_prompts), steps=self.cfg.sample_steps,
+                                     guidance_scale=scale, seed=0)
             images += [r.image for r in res]
             labels += [f"g={scale:g} {p}" for p in self.cfg.sample_prompts]
         grid = labelled_grid(images, labels, ncol=len(self.cfg.sample_prompts))
@@ -177,13 +194,15 @@ class Evaluator:
         return path
 
 
-def export(cfg, acc, unet, ema: EMA | None, evaluator: Evaluator, out: Path, training_config: dict) -> Path:
-    """The composed pipeline folder (EMA weights), written by rank 0."""
+def export(cfg, acc, unet, ema: EMA | None, vae, text_encoder, objective: DiffusionObjective, out: Path,
+           training_config: dict[str, Any]) -> Path:
+    """The composed pipeline folder with the EMA weights, written by rank 0."""
     folder = out / "pipeline"
     if acc.is_main_process:
-        pipe = evaluator.pipeline(unet, ema, use_ema=False)
+        final = averaged_copy(acc.unwrap_model(unet, keep_torch_compile=False), ema)
+        pipe = compose_pipeline(cfg, final, vae, text_encoder, objective)
         pipe.training_config = training_config
-        manifest_id = pipe.save_pretrained(folder, ema_weights=ema.weights() if ema else None, overwrite=True)
+        manifest_id = pipe.save_pretrained(folder, overwrite=True)
         acc.print(f"saved {folder} (manifest {manifest_id[:12]})")
     acc.wait_for_everyone()
     return folder

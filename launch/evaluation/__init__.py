@@ -1,0 +1,1 @@
+"""Metrics, feature extractors and pictures for evaluate.py and in-training evaluation."""

@@ -1,0 +1,1 @@
+"""Training plumbing both training commands share: the run object, checkpoints, EMA, tracking."""

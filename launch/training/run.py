@@ -1,0 +1,181 @@
+"""``TrainingRun``: the one object that owns a training run's life cycle.
+
+Both training scripts build their models and a ``TrainState``, hand it to a ``TrainingRun``, then
+call it explicitly, top to bottom (EDM2's ``training_loop.py`` reads this way; there are no
+callbacks)::
+
+    tr = TrainingRun(acc, cfg.run, state, what="stage 3: UNet", config=to_dict(cfg))
+    while tr.running:
+        logs, applied = train_step(..., tr.guard, tr.step)
+        ...                                   # the stage's own lines: schedules, EMA
+        tr.end_step(logs)
+        tr.log_training(lr=..., show="loss")
+        if tr.due(cfg.val_every): ...         # validation, sample grids
+        tr.save_checkpoint_if_due()
+    tr.end_loop(raw_model, "UNet")
+    if tr.preempted:
+        tr.exit_preempted()                   # SystemExit(143) after saving: rerun to resume
+    ...                                       # export
+    tr.close()
+
+It owns: the resume banner, the step guard (non-finite skips, preemption, the time budget), the
+training clock carried over resumes, the metrics logger and progress bar, the cadence of logging
+and checkpoints, fault injection for the resume tests, and the end of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from foundation import write_json_atomic
+from launch.training.accelerator import check_ranks_in_sync
+from launch.training.checkpoint import CheckpointManager, TrainState
+from launch.training.config import RunConfig
+from launch.training.guard import PreemptionFlag, StepGuard
+from launch.training.tracking import MetricsLogger, accumulate_logs, progress_bar, reduce_logs
+
+FINISHED_MARKER = "finished.json"
+
+
+class TrainingRun:
+    """Resume, guard, clock, logging, progress, cadence, checkpoints and the end of one run."""
+
+    def __init__(self, accelerator, run: RunConfig, state: TrainState, *, what: str, config: dict[str, Any]):
+        self.acc, self.cfg, self.state, self.what = accelerator, run, state, what
+        self.out = Path(run.output_dir)
+        if accelerator.is_main_process:
+            write_json_atomic(self.out / "config.json", config)
+        state.counters.setdefault("train_seconds", 0)
+        state.counters.setdefault("skipped", 0)
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", accelerator, keep_last=run.keep_last)
+        self.resumed_from = self.checkpoints.resume(state)
+        accelerator.print(f"resumed from {self.resumed_from} at step {state.step}" if self.resumed_from
+                          else f"fresh run -> {self.out}")
+        self.guard = StepGuard(accelerator, run, PreemptionFlag())
+        self.guard.total_skipped = state.counters["skipped"]
+        self.guard.start_clock(run, state.counters["train_seconds"])
+        self.logger = MetricsLogger(accelerator, self.out, run.report_to, self.out.name, config)
+        self.bar = progress_bar(accelerator, state.step, run.max_steps, what)
+        self.last = False  # the step just ended is the run's last (max_steps or time budget reached)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._t_start, self._step0 = time.time(), state.step
+        self._t0 = self._t_start - state.counters["train_seconds"]  # training time carries over a resume
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def running(self) -> bool:
+        """Another step is due: below max_steps, within the time budget, not preempted."""
+        return self.state.step < self.cfg.max_steps and not self.last and not self.guard.stop_requested
+
+    @property
+    def images_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum_steps * self.acc.num_processes
+
+    def end_step(self, logs: dict[str, torch.Tensor]) -> None:
+        """Count the step just taken (applied or skipped): counters, clock, progress, log sums."""
+        counters = self.state.counters
+        counters["skipped"] = self.guard.total_skipped
+        self.state.step += 1
+        counters["train_seconds"] = round(time.time() - self._t0, 3)
+        self.bar.update(1)
+        accumulate_logs(self._sums, logs)
+        self.last = self.state.step >= self.cfg.max_steps or self.guard.time_up
+
+    def due(self, every: int) -> bool:
+        """True every ``every`` steps and at the last step."""
+        return self.state.step % every == 0 or self.last
+
+    def log_training(self, lr: float, show: str) -> dict[str, float] | None:
+        """At the log cadence: reduce the summed logs over steps and ranks, write them, show ``show``."""
+        if not self.due(self.cfg.log_every):
+            return None
+        speed = (self.state.step - self._step0) * self.images_per_step / (time.time() - self._t_start)
+        row = reduce_logs(self.acc, self._sums, lr=lr, images_per_s=speed, skipped_steps=self.state.counters["skipped"])
+        self.logger.log(self.state.step, row)
+        self.bar.set_postfix({show: f"{row.get(show, math.nan):.4f}"})
+        return row
+
+    def log_validation(self, scores: dict[str, float], message: str) -> None:
+        """Validation numbers (main process; empty elsewhere) to the logger and under the bar."""
+        if scores:
+            self.logger.log(self.state.step, scores, kind="val")
+            self.bar.write(f"step {self.state.step}: {message}")
+
+    def log_image(self, tag: str, path: Path | None) -> None:
+        if path is not None:
+            self.logger.log_image(self.state.step, tag, path)
+
+    def save_checkpoint_if_due(self) -> None:
+        """Checkpoint on schedule, at the last step, or when preempted; then the fault injection."""
+        if self.guard.stop_requested or self.last or self.state.step % self.cfg.checkpoint_every == 0:
+            self.checkpoints.save(self.state)
+        if self.cfg.crash_after_step and self.state.step == self.cfg.crash_after_step and self.acc.is_main_process:
+            os.kill(os.getpid(), signal.SIGKILL)  # the resume tests' kill between checkpoints
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def end_loop(self, module: torch.nn.Module, what: str) -> None:
+        """Close the progress bar and check every rank holds the same weights."""
+        self.bar.close()
+        check_ranks_in_sync(self.acc, module, what)
+
+    @property
+    def preempted(self) -> bool:
+        return self.guard.stop_requested
+
+    def exit_preempted(self) -> NoReturn:
+        """The checkpoint is saved: say how to resume and exit non-zero (128 + SIGTERM)."""
+        self.acc.print(f"stopped by {self.guard.preemption.signal_name} at step {self.state.step}; "
+                       "rerun the same command to resume")
+        self.close()
+        raise SystemExit(143)
+
+    def mark_finished(self, folder: Path) -> None:
+        """On the main process: the exported ``folder`` is complete for this step/time budget."""
+        if self.acc.is_main_process:
+            mark_finished(folder, self.state.step, self.state.counters["train_seconds"])
+
+    def close(self) -> None:
+        self.logger.close()
+        self.acc.end_training()  # tear gloo/NCCL down now: left to interpreter exit it can abort a rank
+
+
+def mark_finished(folder: Path, step: int, train_seconds: float) -> None:
+    """Written last into a run's exported model: its presence means the export is complete."""
+    write_json_atomic(Path(folder) / FINISHED_MARKER, {"step": step, "train_seconds": train_seconds})
+
+
+def run_finished(folder: Path, run: RunConfig) -> bool:
+    """True when ``folder`` holds a complete export that satisfies ``run``'s step or time budget.
+
+    Rerunning with a larger ``max_steps`` or ``max_train_minutes`` is not finished: it resumes.
+    """
+    marker = Path(folder) / FINISHED_MARKER
+    if not marker.is_file():
+        return False
+    done = json.loads(marker.read_text(encoding="utf-8"))
+    if done["step"] >= run.max_steps:
+        return True
+    return run.max_train_minutes > 0 and done["train_seconds"] >= run.max_train_minutes * 60
+
+
+def already_finished(accelerator, folder: Path, run: RunConfig) -> bool:
+    """When ``folder`` is complete for this budget: say so, end the process group, return True."""
+    if not run_finished(folder, run):
+        return False
+    accelerator.print(f"{folder} is complete for this step/time budget; nothing to do.")
+    accelerator.end_training()
+    return True
