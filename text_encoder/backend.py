@@ -15,6 +15,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from text_encoder.fingerprint import sha256_of_state_dict
+
 # Tokenizers without a declared maximum report a huge sentinel (int(1e30)) as ``model_max_length``.
 _NO_DECLARED_MAX = 1_000_000
 
@@ -26,6 +28,7 @@ class LoadedEncoder:
     max_length: int
     revision: str | None  # resolved Hub commit, None for local files
     source: str  # where it came from, for people (not identity)
+    weights_sha256: str | None = None  # of the float32 weights before a cast to a lower precision (see freeze)
 
 
 def resolve_max_length(
@@ -48,12 +51,22 @@ def resolve_max_length(
     return length
 
 
-def freeze(model: PreTrainedModel, device: torch.device | str, dtype: torch.dtype) -> PreTrainedModel:
-    """Eval mode (no dropout) and no gradients: the encoder is a fixed function of the prompt."""
+def freeze(
+    model: PreTrainedModel, device: torch.device | str, dtype: torch.dtype
+) -> tuple[PreTrainedModel, str | None]:
+    """Eval mode (no dropout), no gradients, cast to ``dtype``: a fixed function of the prompt.
+
+    ``model`` comes in float32. Returns it with the sha256 of those float32 weights when the cast
+    loses precision (hashed before it, so bf16 and fp32 loads of one checkpoint share
+    ``weights_sha256``), else None (the fingerprint hashes the model's own weights when asked).
+    """
+    source_sha = None
+    if dtype != next(model.parameters()).dtype:
+        source_sha = sha256_of_state_dict(model.state_dict())
     model = model.to(device=device, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
-    return model
+    return model, source_sha
 
 
 @contextlib.contextmanager

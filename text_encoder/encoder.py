@@ -9,6 +9,11 @@
 
 and ``export_transformers`` writes the very model and tokenizer that ran here, so a pipeline saved
 in diffusers layout reproduces the conditioning of training bit for bit.
+
+What makes it cheap on the fly: each distinct prompt of a call is tokenised once (the truncation count
+comes from that same pass, ``text_encoder.tokens``) and encoded once, then scattered back to every
+place it appears; the forward runs under ``torch.inference_mode`` in the encoder's own precision
+(``dtype=auto``: bf16 where the device does it faster, ``text_encoder.precision``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import torch
 
 from text_encoder.backend import LoadedEncoder
 from text_encoder.fingerprint import sha256_of_config, sha256_of_state_dict, sha256_of_token_ids
-from text_encoder.spec import TextEncoderConfig, parse_spec
+from text_encoder.precision import dtype_name, resolve_dtype
+from text_encoder.spec import DEFAULT_DTYPE, TextEncoderConfig, parse_spec
+from text_encoder.tokens import tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +66,9 @@ class FrozenTextEncoder:
         self.max_length = loaded.max_length
         self.batch_size = config.batch_size
         self._loaded = loaded
-        self._weights_sha256: str | None = None  # computed on first use, reset by a dtype change
+        # sha256 of the float32 weights the model's were cast from (see ``fingerprint``); None: not yet
+        # computed, and then the model's own weights are those float32 weights (or exactly hold them).
+        self._weights_sha256: str | None = loaded.weights_sha256
         self.num_prompts = 0  # prompts encoded so far
         self.num_truncated = 0  # of those, how many were longer than max_length and cut
 
@@ -81,14 +90,23 @@ class FrozenTextEncoder:
         return bool(getattr(self.model.config, "use_attention_mask", False))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FrozenTextEncoder:
+        """Move and/or cast the model. From float32 the weights keep their identity (only ``dtype``
+        changes in the fingerprint); from a lower precision they do not: bf16 weights cast back to
+        float32 are rounded float32 weights, another function, with another ``weights_sha256``."""
+        if dtype is not None and dtype != self.dtype:
+            if self.dtype == torch.float32:
+                self._weights_sha256 = self._weights_sha256 or sha256_of_state_dict(self.model.state_dict())
+            else:
+                self._weights_sha256 = None  # hashed again from the cast weights when asked
         self.model.to(device=device, dtype=dtype)
-        if dtype is not None:
-            self._weights_sha256 = None  # a lossy cast changes the weights' values
         return self
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         """Encode ``prompts`` in chunks of ``batch_size``; over-long prompts are cut and counted.
 
+        Repeated prompts are encoded once and copied to each of their places, so the result equals
+        encoding every prompt separately. The tensors are in ``self.dtype`` on ``self.device``, and
+        are ordinary tensors (not inference tensors) that a trained module's autograd graph may use.
         ``pooled`` is CLIP's own sentence vector for CLIP models (the end-of-text token after the final
         layer norm, ``CLIPTextModel.pooler_output``, without any projection) and the mask-weighted mean
         of ``hidden`` over prompt tokens for every other encoder.
@@ -99,46 +117,47 @@ class FrozenTextEncoder:
     def _encode(self, prompts: list[str], count: bool) -> TextEmbeddings:
         if self.model.training:  # dropout would make the "frozen" conditioning random
             raise RuntimeError("the frozen text encoder's model was put in training mode; call .model.eval()")
-        step = self.batch_size
-        chunks = [self._encode_chunk(prompts[i : i + step], count) for i in range(0, len(prompts), step)]
-        if not chunks:
+        if not prompts:
             empty = torch.zeros(0, self.max_length, self.hidden_size, device=self.device, dtype=self.dtype)
             mask = torch.zeros(0, self.max_length, dtype=torch.long, device=self.device)
             return TextEmbeddings(empty, mask, empty[:, 0])
-        return TextEmbeddings(
-            hidden=torch.cat([c.hidden for c in chunks]),
-            mask=torch.cat([c.mask for c in chunks]),
-            pooled=torch.cat([c.pooled for c in chunks]),
-        )
-
-    def _encode_chunk(self, prompts: list[str], count: bool) -> TextEmbeddings:
-        tokens = self.tokenizer(
-            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        )
+        position = {p: i for i, p in enumerate(dict.fromkeys(prompts))}  # distinct prompts, first-seen order
+        distinct = list(position)
+        step = self.batch_size
+        chunks = [self._encode_chunk(distinct[i : i + step]) for i in range(0, len(distinct), step)]
+        truncated = [cut for c in chunks for cut in c[1]]  # [N distinct]
+        rows = [position[p] for p in prompts]  # [B] each prompt's row among the distinct ones
         if count:
-            self._count_truncations(prompts)
-        ids = tokens["input_ids"].to(self.device)  # [B, L]
-        mask = tokens["attention_mask"].to(self.device)  # [B, L]
-        # no_grad rather than inference_mode: the outputs feed a trained UNet's autograd graph.
-        with torch.no_grad():
-            out = self.model(ids, attention_mask=mask if self.uses_attention_mask else None)
-        hidden = out[0]  # [B, L, D]
-        if self.model.config.model_type == "clip_text_model":
-            pooled = out.pooler_output  # [B, D]
-        else:
-            weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, D]
-        return TextEmbeddings(hidden=hidden, mask=mask, pooled=pooled)
+            self._count_truncations(sum(truncated[i] for i in rows), len(prompts))
+        where = torch.tensor(rows, device=self.device)
+        # Gathering outside inference mode gives ordinary tensors, which autograd may save.
+        return TextEmbeddings(
+            hidden=torch.cat([c[0].hidden for c in chunks]).index_select(0, where),
+            mask=torch.cat([c[0].mask for c in chunks]).index_select(0, where),
+            pooled=torch.cat([c[0].pooled for c in chunks]).index_select(0, where),
+        )
 
-    def _count_truncations(self, prompts: list[str]) -> None:
-        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
-        cut = sum(n > self.max_length for n in lengths)
+    def _encode_chunk(self, prompts: list[str]) -> tuple[TextEmbeddings, list[bool]]:
+        tokens = tokenize(self.tokenizer, prompts, self.max_length)
+        ids = tokens.ids.to(self.device)  # [B, L]
+        mask = tokens.mask.to(self.device)  # [B, L]
+        with torch.inference_mode():
+            out = self.model(ids, attention_mask=mask if self.uses_attention_mask else None)
+            hidden = out[0]  # [B, L, D]
+            if self.model.config.model_type == "clip_text_model":
+                pooled = out.pooler_output  # [B, D]
+            else:
+                weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, D]
+        return TextEmbeddings(hidden=hidden, mask=mask, pooled=pooled), tokens.truncated
+
+    def _count_truncations(self, cut: int, num_prompts: int) -> None:
         if cut and not self.num_truncated:
             logger.warning(
                 "prompts longer than %d tokens are truncated (counted in FrozenTextEncoder.num_truncated)",
                 self.max_length,
             )
-        self.num_prompts += len(prompts)
+        self.num_prompts += num_prompts
         self.num_truncated += cut
 
     def null_embedding(self) -> TextEmbeddings:
@@ -155,7 +174,13 @@ class FrozenTextEncoder:
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        """JSON-ready identity; compare with ``check_fingerprint`` (see ``fingerprint.INFORMATIONAL_FIELDS``)."""
+        """JSON-ready identity; compare with ``check_fingerprint`` (see ``fingerprint.INFORMATIONAL_FIELDS``).
+
+        ``weights_sha256`` names the float32 weights and ``dtype`` the precision they compute in, so
+        the same checkpoint loaded in bf16 and in fp32 differs in ``dtype`` alone: a cache compares
+        every field (bf16 and fp32 embeddings are never mixed), a pipeline loaded for sampling in
+        another precision passes ``ignore=("dtype",)``.
+        """
         if self._weights_sha256 is None:  # hashing gigabytes once is enough
             self._weights_sha256 = sha256_of_state_dict(self.model.state_dict())
         probe = self.tokenizer(
@@ -173,14 +198,25 @@ class FrozenTextEncoder:
             "max_length": self.max_length,
             "hidden_size": self.hidden_size,
             "attention_mask": self.uses_attention_mask,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
             "null": self.config.null,
         }
 
     def export_transformers(self, out_dir: str | Path) -> Path:
-        """Write ``out_dir/text_encoder/`` and ``out_dir/tokenizer/`` that stock diffusers loads as is."""
+        """Write ``out_dir/text_encoder/`` and ``out_dir/tokenizer/`` that stock diffusers loads as is.
+
+        The weights are written in float32 whatever ``self.dtype`` is (stock diffusers would otherwise
+        load a bf16 text encoder next to an fp32 UNet): for a bf16 encoder they are its bf16 values,
+        held exactly in float32, so loading the folder in bf16 computes what this encoder computes.
+        """
         out = Path(out_dir)
-        self.model.save_pretrained(out / "text_encoder")
+        dtype = self.dtype
+        if dtype != torch.float32:
+            self.model.to(torch.float32)  # exact: float32 holds every bf16/fp16 value
+        try:
+            self.model.save_pretrained(out / "text_encoder")
+        finally:
+            self.model.to(dtype)  # back, bit for bit
         self.tokenizer.save_pretrained(out / "tokenizer")  # model_max_length == self.max_length
         return out
 
@@ -202,16 +238,21 @@ def _check_prompts(prompts: list[str]) -> None:
 def load_text_encoder(
     spec: str,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = None,
     **options: Any,
 ) -> FrozenTextEncoder:
     """Load the frozen encoder a ``--text-encoder`` spec names (syntax: ``text_encoder.spec``).
 
-    ``options`` are the spec's keys as keywords (``layer=``, ``max_length=``, ``revision=``, ``null=``,
-    ``allow_pickle=``, ``batch_size=``); giving one both ways is an error.
+    ``dtype`` is the precision it computes in: a torch dtype, a name ("fp32", "bf16", ...) or "auto"
+    (bf16 where ``device`` does bf16 faster than fp32, ``text_encoder.precision``); it may instead be
+    the spec's ``?dtype=``, and it is float32 when neither gives one. ``options`` are the spec's other
+    keys as keywords (``layer=``, ``max_length=``, ``revision=``, ``null=``, ``allow_pickle=``,
+    ``batch_size=``); giving one both ways is an error.
     """
-    config = parse_spec(spec, **options)
-    dtype = _as_dtype(dtype)
+    if isinstance(dtype, torch.dtype):
+        dtype = dtype_name(dtype)
+    config = parse_spec(spec, dtype=dtype, **options)
+    dtype = resolve_dtype(config.dtype or DEFAULT_DTYPE, device)
     if config.backend == "openclip":
         from text_encoder.openclip_backend import load_openclip
 
@@ -221,13 +262,3 @@ def load_text_encoder(
 
         loaded = load_hf(config, device, dtype)
     return FrozenTextEncoder(config, loaded)
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-    return names[dtype]

@@ -53,19 +53,21 @@ def load_hf(cfg: TextEncoderConfig, device: torch.device | str, dtype: torch.dty
         source = cfg.name
     model_dir, tokenizer_dir = _model_and_tokenizer_dirs(folder)
     find_weight_files(model_dir, cfg.allow_pickle)  # refuses pickle-only folders before transformers sees them
-    model = _load_model(model_dir, cfg, dtype)
+    model = _load_model(model_dir, cfg)  # float32: freeze() hashes, then casts to dtype
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     requested = cfg.max_length
     if requested is None and cfg.backend == "minilm":
         requested = MINILM_DEFAULT_MAX_LENGTH
     max_length = resolve_max_length(requested, tokenizer, model, source)
     tokenizer.model_max_length = max_length
+    model, weights_sha256 = freeze(model, device, dtype)
     return LoadedEncoder(
-        model=freeze(model, device, dtype),
+        model=model,
         tokenizer=tokenizer,
         max_length=max_length,
         revision=revision,
         source=source,
+        weights_sha256=weights_sha256,
     )
 
 
@@ -177,7 +179,7 @@ def _model_class_and_config(model_dir: Path) -> tuple[type, transformers.PreTrai
     return AutoModel, config
 
 
-def _load_model(model_dir: Path, cfg: TextEncoderConfig, dtype: torch.dtype) -> transformers.PreTrainedModel:
+def _load_model(model_dir: Path, cfg: TextEncoderConfig) -> transformers.PreTrainedModel:
     model_class, config = _model_class_and_config(model_dir)
     if cfg.layer == "penultimate":
         config.num_hidden_layers = _num_layers(config, model_dir) - 1
@@ -188,7 +190,7 @@ def _load_model(model_dir: Path, cfg: TextEncoderConfig, dtype: torch.dtype) -> 
         model, info = model_class.from_pretrained(
             model_dir,
             config=config,
-            dtype=dtype,
+            dtype=torch.float32,
             use_safetensors=None if cfg.allow_pickle else True,
             weights_only=True,
             output_loading_info=True,

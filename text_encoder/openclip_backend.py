@@ -61,12 +61,14 @@ def load_openclip(cfg: TextEncoderConfig, device: torch.device | str, dtype: tor
     _check_tokenizers_agree(oc_tokenizer, tokenizer, max_length, cfg.name)
     tokenizer.model_max_length = max_length
     source = cfg.name + (f"@{cfg.pretrained}" if cfg.pretrained else "")
+    model, weights_sha256 = freeze(model, device, dtype)
     return LoadedEncoder(
-        model=freeze(model, device, dtype),
+        model=model,
         tokenizer=tokenizer,
         max_length=max_length,
         revision=revision,
         source=source,
+        weights_sha256=weights_sha256,
     )
 
 
