@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -36,24 +37,77 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class GenerateConfig:
     """Generate images from a trained latent diffusion pipeline folder."""
 
-    model: Path | None = None  # pipeline folder (written by training / save_pretrained)
-    prompt: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)  # a prompt; give it several times for several
-    prompts_file: Path | None = None  # one prompt per line (blank lines skipped); added after --prompt
+    model: Path | None = None
+    """Pipeline folder (written by training / save_pretrained)."""
+    prompt: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """A prompt; give it several times for several."""
+    prompts_file: Path | None = None
+    """One prompt per line (blank lines skipped); added after --prompt."""
     negative_prompt: str | None = None
-    num_images: int = 1  # per prompt
+    """Negative prompt for every image (the unguided branch); None: the model's null embedding."""
+    num_images: int = 1
+    """Images per prompt (at least 1)."""
     steps: int = DEFAULT_STEPS
-    sampler: str | None = None  # ddpm ddim euler euler_a heun dpmpp_2m dpmpp_2m_karras unipc; None: the model's default
-    guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale; 1 = no guidance
-    guidance_rescale: float = 0.0  # Lin et al. 2023 rescale, 0..1
-    seed: int = 0  # image k uses seed + k
-    height: int | None = None  # default: the UNet's sample_size x the autoencoder factor
+    """Sampler steps (at least 1)."""
+    sampler: str | None = None
+    """ddpm ddim euler euler_a heun dpmpp_2m dpmpp_2m_karras unipc (a flow model refuses ddpm, ddim,
+    euler_a and dpmpp_2m_karras); None: the model's default."""
+    guidance: float = DEFAULT_GUIDANCE
+    """Classifier-free guidance scale (a finite number); 1 = no guidance, 0 = unconditional."""
+    guidance_rescale: float = 0.0
+    """Lin et al. 2023 guidance rescale, in [0, 1]."""
+    seed: int = 0
+    """Image k uses seed + k."""
+    height: int | None = None
+    """Image height in pixels; default: the UNet's sample_size x the autoencoder factor."""
     width: int | None = None
+    """Image width in pixels; default as for height."""
     batch_size: int = 4
+    """Images per sampler call (at least 1); does not change the images."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Weights and activations dtype (float16 only on cuda)."""
     out: Path = Path("samples")
-    grid: bool = False  # also write grid.png: one row per prompt (several prompts of one image each: a square)
-    verify: bool = True  # re-hash the model folder's files against its manifest before loading
+    """Output folder for the PNGs, grid.png and generate_config.json (created if missing)."""
+    grid: bool = False
+    """Also write grid.png: one row per prompt (several prompts of one image each: a square)."""
+    verify: bool = True
+    """Re-hash the model folder's files against its manifest before loading."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_images", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if not math.isfinite(self.guidance):
+            raise ConfigError(f"--guidance must be a finite number (1 = no guidance), not {self.guidance}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:  # also refuses nan
+            raise ConfigError(f"--guidance-rescale must be in [0, 1], not {self.guidance_rescale}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be a positive number of pixels, not {value}")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse an --out that cannot be written before any model is loaded or image made.
+
+    Not in ``__post_init__``: the default config is built before the command line is read, and a
+    read-only working directory must not fail a run whose --out points elsewhere."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a folder; give a folder path")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, so the folder cannot be created there")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write in {parent} ({e.strerror}); choose a writable folder") from None
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
@@ -111,9 +165,8 @@ def run(cfg: GenerateConfig) -> list[Path]:
     """Generate and write the PNGs (and the grid); returns the paths of the images written."""
     if cfg.model is None:
         raise ConfigError("--model DIR is required: the pipeline folder to sample from")
-    if cfg.sampler is not None and cfg.sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {cfg.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     prompts = read_prompts(cfg)
+    check_output_folder(cfg.out)
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     pipe = LatentDiffusionPipeline.from_pretrained(cfg.model, device=device, dtype=dtype, verify=cfg.verify)
     sampler = cfg.sampler or pipe.default_sampler
@@ -149,8 +202,8 @@ def main(args: list[str] | None = None) -> None:
     try:
         cfg = parse_config(GenerateConfig, args=args)
         paths = run(cfg)
-    except (ConfigError, PipelineFolderError, FileNotFoundError, ValueError) as e:
-        # Problems with the request or the model folder: a sentence, not a traceback.
+    except (ConfigError, PipelineFolderError, OSError, ValueError) as e:
+        # Problems with the request, the model folder or the output folder: a sentence, not a traceback.
         print(f"ldm-generate: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"wrote {len(paths)} image(s) to {cfg.out}")

@@ -13,6 +13,8 @@ conditional output's to undo the over-exposure large w causes:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ldm.objective import Denoiser
@@ -37,7 +39,9 @@ def classifier_free_guidance(
     sample of the batch the returned denoiser will be called with. The batch is laid out
     [uncond; cond] as in diffusers, so batched kernels see the same rows in the same order.
     """
-    if not 0.0 <= guidance_rescale <= 1.0:
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number (1 = no guidance), not {guidance_scale}")
+    if not 0.0 <= guidance_rescale <= 1.0:  # also refuses nan
         raise ValueError(f"guidance_rescale must be in [0, 1], not {guidance_rescale}")
 
     def guided(x_t: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

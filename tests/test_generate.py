@@ -67,7 +67,54 @@ def _error(capsys, *args):
     with pytest.raises(SystemExit) as exit_info:
         main(list(args))
     assert exit_info.value.code == 2
-    return capsys.readouterr().err
+    err = capsys.readouterr().err
+    return " ".join(err.replace("│", " ").split())  # tyro's boxed message, unwrapped
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--guidance", "nan", "--guidance must be a finite number"),
+        ("--guidance", "inf", "--guidance must be a finite number"),
+        ("--guidance-rescale", "nan", "--guidance-rescale must be in [0, 1]"),
+        ("--guidance-rescale", "1.5", "--guidance-rescale must be in [0, 1]"),
+        ("--num-images", "0", "--num-images must be at least 1, not 0"),
+        ("--batch-size", "0", "--batch-size must be at least 1, not 0"),
+        ("--steps", "-3", "--steps must be at least 1, not -3"),
+        ("--height", "0", "--height must be a positive number of pixels"),
+    ],
+)
+def test_bad_values_are_refused_at_parse_time(model, tmp_path, capsys, flag, value, message):
+    model_dir, _ = model
+    out = tmp_path / "o"
+    err = _error(capsys, "--model", str(model_dir), "--prompt", "x", "--device", "cpu", "--out", str(out), flag, value)
+    assert message in err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_bad_values_in_a_config_file_are_refused_too(model, tmp_path, capsys):
+    (tmp_path / "gen.json").write_text(json.dumps({"model": str(model[0]), "prompt": ["x"], "guidance": float("nan")}))
+    assert "--guidance must be a finite number" in _error(capsys, "--config", str(tmp_path / "gen.json"))
+
+
+def test_unwritable_out_is_refused_before_sampling(model, tmp_path, capsys):
+    model_dir, _ = model
+    (tmp_path / "file.png").write_bytes(b"x")
+    base = ("--model", str(model_dir), "--prompt", "x", "--device", "cpu")
+    assert "is an existing file, not a folder" in _error(capsys, *base, "--out", str(tmp_path / "file.png"))
+    assert "is a file, so the folder cannot be created" in _error(capsys, *base, "--out", str(tmp_path / "file.png" / "a"))
+    if os.geteuid() != 0:  # root writes anywhere: the permission check cannot fail there
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert "cannot write in" in _error(capsys, *base, "--out", str(locked / "a"))
+
+
+def test_the_python_api_refuses_nan_guidance(model):
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(model[0])
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        pipe(["x"], steps=2, guidance_scale=float("nan"))
 
 
 def test_clear_errors(model, tmp_path, capsys):
