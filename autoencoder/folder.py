@@ -12,14 +12,11 @@ sees a half-written folder under the final name. ``latent_contract.json`` is wri
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 from diffusers import AutoencoderKL
+from foundation import atomic_folder, sha256_file
 
 from autoencoder.latents import LatentContract
 from autoencoder.model import check_config_matches
@@ -29,29 +26,6 @@ CONTRACT_FILE = "latent_contract.json"
 CONFIG_FILE = "config.json"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_folder(vae: AutoencoderKL, contract: LatentContract, tmp: Path) -> LatentContract:
     vae.save_pretrained(tmp, safe_serialization=True)
     weights = sorted(p for p in tmp.iterdir() if p.suffix == ".safetensors")
@@ -59,7 +33,6 @@ def _write_folder(vae: AutoencoderKL, contract: LatentContract, tmp: Path) -> La
         raise RuntimeError(f"save_pretrained wrote no .safetensors file into {tmp}")
     contract = dataclasses.replace(contract, weights_sha256={p.name: sha256_file(p) for p in weights})
     (tmp / CONTRACT_FILE).write_text(json.dumps(contract.to_json_dict(), indent=2) + "\n", encoding="utf-8")
-    _fsync_tree(tmp)
     return contract
 
 
@@ -76,21 +49,8 @@ def save_autoencoder(
     check_config_matches(vae, contract.autoencoder_config)
     if contract.folded and (vae.config.scaling_factor != 1.0 or vae.config.shift_factor is not None):
         raise ValueError("contract says folded, but the model's scaling_factor/shift_factor are not 1.0/None")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_folder(Path(out_dir), overwrite=overwrite) as tmp:
         contract = _write_folder(vae, contract, tmp)
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        _fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return contract
 
 

@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from torch import nn
 
-from autoencoder.folder import sha256_file
+from foundation import sha256_file
 from autoencoder.model import AutoencoderConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

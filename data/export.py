@@ -20,6 +20,7 @@ from typing import Any, Literal
 from PIL import Image
 from webdataset import TarWriter
 
+from foundation import write_json_atomic
 from data.captions import caption_text
 from data.config import DataConfig
 from data.decode import BadSample
@@ -199,6 +200,4 @@ def remove_shards(out_dir: Path) -> None:
 
 def write_stats(path: Path, stats: dict[str, Any]) -> None:
     """Written last and atomically: its presence with complete=true marks a finished folder."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**stats, "complete": True}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, {**stats, "complete": True})

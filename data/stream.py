@@ -20,7 +20,6 @@ within the block. Items come out round robin over lanes; worker w of K serves la
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import traceback
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from foundation import derived_seed
 from data.config import DataConfig
 from data.decode import BadSample
 from data.sample import RawRecord, make_sample, sample_draws
@@ -44,11 +44,6 @@ class MapSource(Protocol):
     def __len__(self) -> int: ...
 
     def record(self, index: int) -> RawRecord: ...
-
-
-def derived_seed(*parts: object) -> int:
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def process_record(record: RawRecord, cfg: DataConfig, draws_seed: int, epoch: int, identity: int | str, augment: bool) -> dict[str, Any]:

@@ -32,7 +32,8 @@ from launch.evaluation import features
 from launch.evaluation.features import cat_rows, encode_all, pil_to_uint8, to_uint8
 from launch.evaluation.distances import clip_scores, compare_sets, gather_rows, share, skipped
 from launch.evaluation.reconstruction import evaluate_autoencoder
-from launch.evaluation.report import collect_skipped, plot_tradeoff, summary_lines, write_json
+from foundation import write_json_atomic
+from launch.evaluation.report import collect_skipped, plot_tradeoff, summary_lines
 from launch.evaluation.pictures import labelled_grid
 from launch.training.accelerator import setup_accelerator
 from launch.training.config import RunConfig
@@ -277,7 +278,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any] | None:
         plot = plot_tradeoff(report, out / "guidance_tradeoff.png")
         report["plot"] = plot.name if plot else skipped("no Fréchet distance could be computed")
     report["config"] = to_dict(cfg)
-    write_json(report, out / "metrics.json")
+    write_json_atomic(out / "metrics.json", report, sort_keys=False)
     for line in summary_lines(report):
         acc.print(line)
     acc.print(f"wrote {out / 'metrics.json'}")

@@ -58,19 +58,6 @@ class PrepareDataConfig:
 PRESETS = {"default": PrepareDataConfig(), "emoji": PrepareDataConfig(emoji="cache/emoji")}
 
 
-def expand_data_shorthand(args: list[str]) -> list[str]:
-    """`--data SPEC` / `--data=SPEC` -> `--data.source SPEC` (the nested field tyro knows)."""
-    out = []
-    for arg in args:
-        if arg == "--data":
-            out.append("--data.source")
-        elif arg.startswith("--data="):
-            out.append("--data.source=" + arg[len("--data="):])
-        else:
-            out.append(arg)
-    return out
-
-
 def export_config(cfg: PrepareDataConfig) -> ExportConfig:
     return ExportConfig(cfg.image_format, cfg.jpeg_quality, cfg.max_side, cfg.samples_per_shard)
 
@@ -175,8 +162,7 @@ def _print_summary(stats: dict[str, Any], out: Path) -> None:
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
-    args = expand_data_shorthand(list(sys.argv[1:] if args is None else args))
-    cfg = parse_config(PrepareDataConfig, PRESETS, args, default_preset="default")
+    cfg = parse_config(PrepareDataConfig, PRESETS, args, default_preset="default")  # --data SPEC shorthand too
     if cfg.emoji:
         return prepare_emoji(cfg)
     if not cfg.data.source:

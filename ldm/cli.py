@@ -23,6 +23,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from foundation import write_json_atomic
+
 T = TypeVar("T")
 
 
@@ -159,11 +161,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomic(path, to_dict(cfg))
 
 
 def _expand_data_shorthand(cls: type, args: list[str]) -> None:

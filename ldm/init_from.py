@@ -25,7 +25,8 @@ from typing import Any
 from diffusers import UNet2DConditionModel
 from text_encoder import FrozenTextEncoder, check_fingerprint
 
-from ldm.manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_files
+from foundation import sha256_file
+from ldm.manifest import MANIFEST_NAME, read_manifest, verify_files
 from ldm.unet import UNetConfig, unet_kwargs
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"

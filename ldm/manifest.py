@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from foundation import sha256_file
 
 MANIFEST_NAME = "ldm_manifest.json"
 MANIFEST_FORMAT = "ldm-pipeline/1"
@@ -37,14 +35,6 @@ class PipelineFolderError(FileNotFoundError):
 
 class PipelineMismatchError(ValueError):
     """A pipeline folder whose files or stages no longer match what its manifest recorded."""
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
@@ -113,45 +103,3 @@ def verify_files(folder: Path, manifest: dict[str, Any], check_hashes: bool = Tr
             + "; ".join(problems)
             + ". The folder was modified or damaged after saving; save the pipeline again."
         )
-
-
-def write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
-@contextmanager
-def atomic_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out_dir`` to fill; rename it to ``out_dir`` only on success.
-
-    An exception (or a kill) leaves ``out_dir`` as it was. With ``overwrite`` an existing folder is
-    replaced: it is moved aside, the new one renamed in, then the old one deleted.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

@@ -28,6 +28,7 @@ import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from autoencoder import LatentContract, load_autoencoder
 from autoencoder.folder import read_latent_contract
+from foundation import atomic_folder, write_json_atomic
 from text_encoder import FrozenTextEncoder, check_fingerprint, load_text_encoder
 
 from ldm.cli import to_dict
@@ -36,10 +37,8 @@ from ldm.manifest import (
     MANIFEST_NAME,
     PipelineFolderError,
     PipelineMismatchError,
-    atomic_folder,
     file_digests,
     manifest_id,
-    write_json,
 )
 from ldm.objective import NoiseScheduleConfig
 from ldm.samplers import build_sampler
@@ -108,8 +107,8 @@ def write_pipeline(
         scheduler_config = stock_scheduler_config(schedule, default_sampler)
         stock_swaps = check_stock_swaps(schedule, scheduler_config)
         (tmp / "scheduler").mkdir()
-        write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
-        write_json(tmp / "model_index.json", _model_index(text_encoder, default_sampler, schedule))
+        write_json_atomic(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
+        write_json_atomic(tmp / "model_index.json", _model_index(text_encoder, default_sampler, schedule))
         exported_fingerprint = _check_export(tmp, text_encoder)
         files = file_digests(tmp)
         vae_config = json.loads((tmp / "vae" / "config.json").read_text())
@@ -143,7 +142,7 @@ def write_pipeline(
             "training": to_dict(dict(training_config)),
             "stock_diffusers": _stock_notes(text_encoder, stock_swaps),
         }
-        write_json(tmp / MANIFEST_NAME, manifest)
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
     return manifest
 
 

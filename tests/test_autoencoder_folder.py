@@ -9,7 +9,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from autoencoder import AUTOENCODER_PRESETS, TrainableAutoencoder, build_autoencoder
-from autoencoder.folder import CONTRACT_FILE, load_autoencoder, read_latent_contract, save_autoencoder, sha256_file
+from autoencoder.folder import CONTRACT_FILE, load_autoencoder, read_latent_contract, save_autoencoder
+from foundation import sha256_file
 from autoencoder.latents import LatentStatistics, fold_latent_statistics
 
 CFG = AUTOENCODER_PRESETS["tiny"]

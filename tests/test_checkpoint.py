@@ -154,7 +154,7 @@ def test_resume_refuses_a_different_process_count(tmp_path):
     shared["world_size"] = 2
     (path / "state.json").write_text(json.dumps(shared))
     manifest = json.loads((path / "manifest.json").read_text())
-    from launch.training.checkpoint import sha256_file
+    from foundation import sha256_file
 
     manifest["files"]["state.json"] = sha256_file(path / "state.json")
     (path / "manifest.json").write_text(json.dumps(manifest))

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoencoder.folder import load_autoencoder, sha256_file
+from autoencoder.folder import load_autoencoder
+from foundation import sha256_file
 from text_encoder import parse_spec
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"

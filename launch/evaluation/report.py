@@ -14,9 +14,7 @@ metrics.json (one file per evaluation; every metric is a number or {"skipped": r
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +41,6 @@ def collect_skipped(report: dict[str, Any]) -> dict[str, str]:
                 if isinstance(value, dict) and "skipped" in value and f"fid/kid [{name}]" not in out:
                     out[f"{metric} [{name}]"] = value["skipped"]
     return out
-
-
-def write_json(report: dict[str, Any], path: Path) -> Path:
-    """Atomic: a reader never sees half a metrics.json."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def plot_tradeoff(report: dict[str, Any], out: Path) -> Path | None:

@@ -27,7 +27,6 @@ full-shard, DeepSpeed ZeRO-3) would need every rank to write its shard; they are
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,8 @@ from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from foundation import fsync_dir, fsync_file, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -82,36 +83,15 @@ class TrainState:
 # file helpers
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     # safetensors refuses shared storage and non-contiguous views; clone to be safe.
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
-    _fsync_file(path)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    fsync_file(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,11 +249,11 @@ class CheckpointManager:
         if missing:
             raise CheckpointError(f"{tmp}: processes did not write {missing}; is the folder on a shared filesystem?")
         _write_json(tmp / "manifest.json", {"format_version": FORMAT_VERSION, "step": step, "files": files})
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. preempted right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _rotate(self) -> None:
         complete = self.complete_checkpoints()
