@@ -16,16 +16,17 @@ import torch
 import _data_fixtures as fx
 import data
 from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
-from ldm.cached_loader import CachedLatentLoader, sample_latents
-from ldm.latent_cache import (
+from ldm.cache import (
     CacheError,
+    CacheSpec,
+    CachedLatentLoader,
     IncompleteCacheError,
     StaleCacheError,
     build_cache,
     cache_is_valid,
-    cache_key,
     ensure_cache,
     open_cache,
+    sample_latents,
 )
 from text_encoder import load_text_encoder
 
@@ -58,14 +59,23 @@ def _cfg(images: Path, **changes) -> data.DataConfig:
     return data.DataConfig(source=str(images), resolution=16, flip=True, crop="random").replace(**changes)
 
 
+def _spec(cfg: data.DataConfig, cache_dir: Path, text_fingerprint: dict | None = None, **changes) -> CacheSpec:
+    """fp32 text storage unless asked otherwise: the equality checks below compare with fp32 encodings."""
+    return CacheSpec(data=cfg, cache_dir=cache_dir, vae_fingerprint=VAE_FP, text_fingerprint=text_fingerprint,
+                     text_dtype="float32").replace(**changes)
+
+
+def _build(spec: CacheSpec, vae, text_encoder=None, barrier=_no_barrier, rank: int = 0, world_size: int = 1) -> dict:
+    return build_cache(spec, vae=vae, text_encoder=text_encoder, rank=rank, world_size=world_size, barrier=barrier)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, images, vae, text_encoder):
     """One cache with flips and text, built by one process in shards of 4 samples."""
     cache_dir = tmp_path_factory.mktemp("cache")
-    build_cache(_cfg(images), cache_dir, vae=vae, vae_fingerprint=VAE_FP, text_encoder=text_encoder,
-                text_fingerprint=text_encoder.fingerprint, rank=0, world_size=1, barrier=_no_barrier,
-                batch_size=3, samples_per_shard=4)
-    return cache_dir, cache_key(_cfg(images), VAE_FP, text_encoder.fingerprint)
+    spec = _spec(_cfg(images), cache_dir, text_encoder.fingerprint, batch_size=3, samples_per_shard=4)
+    _build(spec, vae, text_encoder)
+    return cache_dir, spec.key
 
 
 @torch.no_grad()
@@ -176,22 +186,21 @@ def test_stale_cache_is_refused_naming_what_differs(built, component, change, wo
 def test_text_component_rules(built, images, text_encoder):
     cache_dir, _ = built
     # on-the-fly text encoding can use a cache that also holds text; informational fields are not compared
-    assert cache_is_valid(cache_dir, cache_key(_cfg(images), VAE_FP, None))
+    assert cache_is_valid(cache_dir, _spec(_cfg(images), cache_dir).key)
     moved = {**text_encoder.fingerprint, "source": "/elsewhere/minilm"}
-    assert cache_is_valid(cache_dir, cache_key(_cfg(images), VAE_FP, moved))
+    assert cache_is_valid(cache_dir, _spec(_cfg(images), cache_dir, moved).key)
     # a data field that cannot change a sample (how many bad samples are tolerated) is not keyed
-    assert cache_is_valid(cache_dir, cache_key(_cfg(images, max_bad_fraction=0.5, crop="center"), VAE_FP, None))
+    assert cache_is_valid(cache_dir, _spec(_cfg(images, max_bad_fraction=0.5, crop="center"), cache_dir).key)
 
 
 def test_text_cache_needed_but_absent_is_refused(tmp_path, images, vae, text_encoder):
     cfg = _cfg(images, flip=False)
-    build_cache(cfg, tmp_path, vae=vae, vae_fingerprint=VAE_FP, text_encoder=None, text_fingerprint=None,
-                rank=0, world_size=1, barrier=_no_barrier, batch_size=4)
-    cache = open_cache(tmp_path, cache_key(cfg, VAE_FP, None))
+    _build(_spec(cfg, tmp_path, batch_size=4), vae)
+    cache = open_cache(tmp_path, _spec(cfg, tmp_path).key)
     batch = next(CachedLatentLoader(cache, batch_size=4, seed=0))
     assert "text_hidden" not in batch and not batch["flipped"].any() and len(batch["captions"]) == 4
     with pytest.raises(StaleCacheError, match="holds no text embeddings"):
-        open_cache(tmp_path, cache_key(cfg, VAE_FP, text_encoder.fingerprint))
+        open_cache(tmp_path, _spec(cfg, tmp_path, text_encoder.fingerprint).key)
 
 
 def test_interrupted_build_is_detected_and_rebuilt(tmp_path, images, vae, built):
@@ -202,17 +211,17 @@ def test_interrupted_build_is_detected_and_rebuilt(tmp_path, images, vae, built)
         if len(calls) == 2:  # after every shard was written, before rank 0 writes the manifest
             raise KeyboardInterrupt
 
-    kwargs = dict(vae=vae, vae_fingerprint=VAE_FP, text_encoder=None, text_fingerprint=None, rank=0,
-                  world_size=1, batch_size=3, samples_per_shard=4)
+    spec = _spec(cfg, tmp_path, batch_size=3, samples_per_shard=4)
+    kwargs = dict(vae=vae, text_encoder=None, rank=0, world_size=1)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(cfg, tmp_path, barrier=dies_before_the_manifest, **kwargs)
+        build_cache(spec, barrier=dies_before_the_manifest, **kwargs)
     assert (tmp_path / "rank000-00000.safetensors").is_file()
     (tmp_path / "rank005-00000.safetensors").write_bytes(b"left over by an older 8-process build")
-    expected = cache_key(cfg, VAE_FP, None)
+    expected = spec.key
     assert not cache_is_valid(tmp_path, expected)
     with pytest.raises(IncompleteCacheError, match="Rerun the same command"):
         open_cache(tmp_path, expected)
-    cache = ensure_cache(cfg, tmp_path, barrier=_no_barrier, **kwargs)
+    cache = ensure_cache(spec, barrier=_no_barrier, **kwargs)
     assert len(cache) == N_IMAGES and not (tmp_path / "rank005-00000.safetensors").exists()
     reference = open_cache(built[0], built[1])
     i, j = cache.keys.index(reference.keys[0]), 0
@@ -222,14 +231,13 @@ def test_interrupted_build_is_detected_and_rebuilt(tmp_path, images, vae, built)
 
 def test_damaged_shard_is_caught(tmp_path, images, vae):
     cfg = _cfg(images, flip=False)
-    build_cache(cfg, tmp_path, vae=vae, vae_fingerprint=VAE_FP, text_encoder=None, text_fingerprint=None,
-                rank=0, world_size=1, barrier=_no_barrier, batch_size=5)
+    _build(_spec(cfg, tmp_path, batch_size=5), vae)
     shard = tmp_path / "rank000-00000.safetensors"
     payload = bytearray(shard.read_bytes())
     payload[-1] ^= 0xFF
     shard.write_bytes(bytes(payload))
     with pytest.raises(CacheError, match="rank000-00000.safetensors does not match its sha256"):
-        open_cache(tmp_path, cache_key(cfg, VAE_FP, None))
+        open_cache(tmp_path, _spec(cfg, tmp_path).key)
 
 
 def test_two_ranks_build_disjoint_shares_covering_everything(tmp_path, images, vae):
@@ -238,8 +246,7 @@ def test_two_ranks_build_disjoint_shares_covering_everything(tmp_path, images, v
 
     def rank(r: int) -> None:
         try:
-            build_cache(cfg, tmp_path, vae=vae, vae_fingerprint=VAE_FP, text_encoder=None, text_fingerprint=None,
-                        rank=r, world_size=2, barrier=barrier.wait, batch_size=2)
+            _build(_spec(cfg, tmp_path, batch_size=2), vae, barrier=barrier.wait, rank=r, world_size=2)
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
@@ -249,7 +256,7 @@ def test_two_ranks_build_disjoint_shares_covering_everything(tmp_path, images, v
     for t in threads:
         t.join()
     assert not errors, errors
-    cache = open_cache(tmp_path, cache_key(cfg, VAE_FP, None))
+    cache = open_cache(tmp_path, _spec(cfg, tmp_path).key)
     by_rank = [set(cache.keys[:5]), set(cache.keys[5:])]
     assert [s["name"] for s in cache.manifest["shards"]] == ["rank000-00000", "rank001-00000"]
     assert not by_rank[0] & by_rank[1] and len(by_rank[0] | by_rank[1]) == N_IMAGES == len(cache)

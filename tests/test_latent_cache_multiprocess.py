@@ -41,22 +41,22 @@ def two_process_check(images: str, cache_dir: str, out: str) -> None:
 
     import data
     from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
-    from ldm.cached_loader import CachedLatentLoader
-    from ldm.latent_cache import MANIFEST_NAME, ensure_cache
+    from ldm.cache import MANIFEST_NAME, CachedLatentLoader, CacheSpec, ensure_cache
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2, f"expected 2 processes, got {accelerator.num_processes}"
     torch.manual_seed(0)  # both ranks build the same random autoencoder (a real run loads one from disk)
     vae = build_autoencoder(AUTOENCODER_PRESETS["tiny"]).eval()
     cfg = data.DataConfig(source=images, resolution=16)
-    kwargs = dict(vae=vae, vae_fingerprint={"weights_sha256": "tiny-seed-0"}, text_encoder=None,
-                  text_fingerprint=None, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                  barrier=accelerator.wait_for_everyone, batch_size=4)
-    cache = ensure_cache(cfg, cache_dir, **kwargs)
+    spec = CacheSpec(data=cfg, cache_dir=Path(cache_dir), vae_fingerprint={"weights_sha256": "tiny-seed-0"},
+                     batch_size=4)
+    kwargs = dict(vae=vae, text_encoder=None, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                  barrier=accelerator.wait_for_everyone)
+    cache = ensure_cache(spec, **kwargs)
     manifest = Path(cache_dir) / MANIFEST_NAME
     stamp = manifest.stat().st_mtime_ns
     accelerator.wait_for_everyone()
-    again = ensure_cache(cfg, cache_dir, **kwargs)  # valid now: must be reused, not rebuilt
+    again = ensure_cache(spec, **kwargs)  # valid now: must be reused, not rebuilt
     accelerator.wait_for_everyone()
     loader = CachedLatentLoader(again, batch_size=2, seed=0, rank=accelerator.process_index,
                                 world_size=accelerator.num_processes)

@@ -1,0 +1,119 @@
+"""`CachedLatentLoader`: the latent cache's counterpart of `data.build_loader`, and latent sampling.
+
+An endless stream where epoch e is a permutation of all N samples seeded by (seed, e), rank r takes
+the r-th of `world_size` equal slices of it (N // world_size samples; the remainder sits out that
+epoch), and whether a sample shows its flipped latents is drawn per sample index from (seed, e). Its
+position is one integer, so `state_dict()` is tiny JSON and a resumed loader yields exactly the
+batches it would have.
+
+A fresh latent `mean + std * eps` is drawn every step (`sample_latents`), exactly as on-the-fly
+training draws `latent_dist.sample()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from foundation import derived_seed
+from ldm.cache.reader import LatentCache
+
+STATE_VERSION = 1
+
+
+def sample_latents(latent_mean: torch.Tensor, latent_std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw z = mean + std * eps, eps ~ N(0, I) from the step's `generator` (on its device).
+
+    latent_mean, latent_std: [B, C, h, w]. The draw is float32 (cached fp16/bf16 values are widened
+    first) on the generator's device, like `latent_dist.sample()` on the fly; returns [B, C, h, w].
+    """
+    if latent_mean.shape != latent_std.shape:
+        raise ValueError(f"latent_mean {tuple(latent_mean.shape)} and latent_std {tuple(latent_std.shape)} "
+                         "differ in shape")
+    device = generator.device
+    mean = latent_mean.to(device, torch.float32)
+    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
+    return mean + latent_std.to(device, torch.float32) * eps
+
+
+class CachedLatentLoader:
+    """An endless, resumable stream of cached training batches for process `rank` of `world_size`.
+
+    Batches: {"latent_mean": [B, C, h, w], "latent_std": [B, C, h, w], "text_hidden": [B, L, D]
+    (when cached and `with_text` is not False), "captions": list[str], "keys": list[str],
+    "original_sizes": long [B, 2], "flipped": bool [B]}. A batch may span two epochs.
+    """
+
+    def __init__(self, cache: LatentCache, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 with_text: bool | None = None) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"CachedLatentLoader needs batch_size >= 1 and 0 <= rank < world_size; got "
+                             f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        if len(cache) < world_size:
+            raise ValueError(f"the cache at {cache.path} has {len(cache)} samples, "
+                             f"fewer than the {world_size} processes")
+        self.cache, self.batch_size, self.seed, self.rank, self.world_size = cache, batch_size, seed, rank, world_size
+        self.with_text = cache.has_text if with_text is None else with_text
+        self.share = len(cache) // world_size  # samples per rank per epoch
+        self.position = 0  # samples this rank has passed, over all epochs
+        self.batches = 0
+        self._plan: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.share
+
+    def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's sample indices [share] long, flip choice of every sample [N] bool) for `epoch`."""
+        if self._plan is None or self._plan[0] != epoch:
+            n = len(self.cache)
+            order_gen = torch.Generator().manual_seed(derived_seed(self.seed, "order", epoch))
+            order = torch.randperm(n, generator=order_gen)[self.rank * self.share : (self.rank + 1) * self.share]
+            flips = torch.zeros(n, dtype=torch.bool)
+            if self.cache.has_flip:
+                flip_gen = torch.Generator().manual_seed(derived_seed(self.seed, "flip", epoch))
+                flips = torch.rand(n, generator=flip_gen) < 0.5
+            self._plan = (epoch, order, flips)
+        return self._plan[1], self._plan[2]
+
+    def __iter__(self) -> CachedLatentLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        indices, flipped = [], []
+        for position in range(self.position, self.position + self.batch_size):
+            order, flips = self.epoch_plan(position // self.share)
+            index = int(order[position % self.share])
+            indices.append(index)
+            flipped.append(bool(flips[index]))
+        self.position += self.batch_size
+        self.batches += 1
+        idx = torch.tensor(indices, dtype=torch.long)  # [B]
+        batch: dict[str, Any] = self.cache.gather(idx, torch.tensor(flipped), with_text=self.with_text)
+        batch["captions"] = [self.cache.captions[i] for i in indices]
+        batch["keys"] = [self.cache.keys[i] for i in indices]
+        batch["original_sizes"] = self.cache.original_sizes.index_select(0, idx)
+        batch["flipped"] = torch.tensor(flipped)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "num_samples": len(self.cache), "position": self.position, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Restore this rank's position; `state` is its own dict or the list of all ranks' dicts."""
+        if isinstance(state, list):
+            mine = [s for s in state if s.get("rank") == self.rank]
+            if len(mine) != 1:
+                raise ValueError(f"the saved cache-loader states hold no single entry for rank {self.rank}")
+            state = mine[0]
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"saved cache-loader state has version {state.get('version')}, expected {STATE_VERSION}")
+        for name in ("seed", "rank", "world_size", "num_samples"):
+            if state.get(name) != self.state_dict()[name]:
+                raise ValueError(
+                    f"cannot resume the cached data position: it was saved with {name}={state.get(name)!r}, this "
+                    f"run has {name}={self.state_dict()[name]!r}. Resume with the same cache, seed and process count."
+                )
+        self.position, self.batches = int(state["position"]), int(state["batches"])
