@@ -1,0 +1,118 @@
+"""ldm/lora.py: adapters on the attention projections, exported so stock diffusers loads them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from test_pipeline_fixtures import single_thread, tiny_pipeline  # noqa: F401 (autouse fixture)
+
+from ldm.lora import LORA_WEIGHTS, LoRAConfig, add_lora, load_lora, lora_state_dict, merged_unet, save_lora
+from ldm.pipeline import LatentDiffusionPipeline
+
+PROMPTS = ["red flag", "a face"]
+# alpha != rank: the scale alpha / r = 2 must travel with the file for stock diffusers to match.
+TRAINED = LoRAConfig(rank=4, alpha=8.0)
+
+
+def max_diff(a: list, b: list) -> float:
+    return max(float(np.abs(np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)).max()) for x, y in zip(a, b))
+
+
+def _train_a_little(unet) -> None:
+    """Stand-in for training: give every B matrix values (B starts at 0, so the adapter is a no-op)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Our pipeline folder, and an adapter trained on it and exported."""
+    root = tmp_path_factory.mktemp("lora")
+    tiny_pipeline(root).save_pretrained(root / "pipe")
+    pipe = LatentDiffusionPipeline.from_pretrained(root / "pipe")
+    add_lora(pipe.unet, TRAINED)
+    _train_a_little(pipe.unet)
+    save_lora(pipe.unet, root / "adapter", base={"manifest_id": pipe.manifest_id})
+    return root
+
+
+def test_adapters_go_on_attention_projections_only_and_start_as_a_no_op(tmp_path):
+    pipe = tiny_pipeline(tmp_path)
+    unet = pipe.unet
+    x, t, hidden = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 12, 32)
+    with torch.no_grad():
+        before = unet(x, t, encoder_hidden_states=hidden).sample
+    total = sum(p.numel() for p in unet.parameters())
+    trainable = add_lora(unet, LoRAConfig(rank=2))
+    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n and any(f".{m}." in n for m in ("to_q", "to_k", "to_v", "to_out.0")) for n in names)
+    # Each adapted Linear(in, out) adds r * (in + out) parameters.
+    linears = [m for n, m in unet.named_modules() if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    assert trainable == sum(2 * (m.in_features + m.out_features) for m in linears) < total
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, encoder_hidden_states=hidden).sample, before)
+    with pytest.raises(ValueError, match="matched no module"):
+        add_lora(tiny_pipeline(tmp_path / "b").unet, LoRAConfig(rank=2, target_modules=("no_such_layer",)))
+
+
+def test_stock_diffusers_loads_the_adapter_and_gives_the_same_images(saved):
+    ours = LatentDiffusionPipeline.from_pretrained(saved / "pipe")
+    plain = ours(PROMPTS, steps=3, guidance_scale=3.0, seed=0)
+    load_lora(ours.unet, saved / "adapter", scale=1.0)
+    mine = ours(PROMPTS, steps=3, guidance_scale=3.0, seed=0)
+    stock = StableDiffusionPipeline.from_pretrained(saved / "pipe")
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(saved / "adapter")
+    gens = [torch.Generator().manual_seed(k) for k in range(2)]
+    theirs = stock(PROMPTS, height=16, width=16, num_inference_steps=3, guidance_scale=3.0, generator=gens).images
+    assert max_diff(mine, theirs) <= 1  # 8-bit images, same up to rounding
+    assert max_diff(mine, plain) > 10  # the adapter changes the images: the comparison has power
+
+    ours.unet.set_adapters(["lora"], weights=[0.5])
+    half = ours(PROMPTS, steps=3, guidance_scale=3.0, seed=0)
+    gens = [torch.Generator().manual_seed(k) for k in range(2)]
+    theirs = stock(PROMPTS, height=16, width=16, num_inference_steps=3, guidance_scale=3.0, generator=gens,
+                   cross_attention_kwargs={"scale": 0.5}).images
+    assert max_diff(half, theirs) <= 1 and max_diff(half, mine) > 1
+
+
+def test_merged_pipeline_equals_the_adapted_one(saved, tmp_path):
+    ours = LatentDiffusionPipeline.from_pretrained(saved / "pipe")
+    load_lora(ours.unet, saved / "adapter", scale=1.0)
+    adapted = ours(PROMPTS, steps=3, guidance_scale=3.0, seed=0)
+    merged = merged_unet(ours.unet)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ours.unet = merged
+    ours.save_pretrained(tmp_path / "merged")
+    reloaded = LatentDiffusionPipeline.from_pretrained(tmp_path / "merged")
+    assert max_diff(reloaded(PROMPTS, steps=3, guidance_scale=3.0, seed=0), adapted) <= 1
+
+
+def test_export_round_trips_and_a_changed_file_is_refused(saved, tmp_path):
+    import json
+    import shutil
+
+    manifest = json.loads((saved / "adapter" / "lora_manifest.json").read_text())
+    assert manifest["rank"] == 4 and manifest["alpha"] == 8.0 and manifest["base"]["manifest_id"]
+    pipe = LatentDiffusionPipeline.from_pretrained(saved / "pipe")
+    load_lora(pipe.unet, saved / "adapter")
+    reference = LatentDiffusionPipeline.from_pretrained(saved / "pipe")
+    add_lora(reference.unet, TRAINED)
+    _train_a_little(reference.unet)
+    ours, theirs = lora_state_dict(pipe.unet), lora_state_dict(reference.unet)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved / "adapter", broken)
+    data = bytearray((broken / LORA_WEIGHTS).read_bytes())
+    data[-1] ^= 1
+    (broken / LORA_WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        load_lora(LatentDiffusionPipeline.from_pretrained(saved / "pipe").unet, broken)
+    with pytest.raises(FileNotFoundError, match="no pytorch_lora_weights"):
+        load_lora(pipe.unet, tmp_path)
