@@ -74,6 +74,10 @@ class GenerateConfig:
     """Also write grid.png: one row per prompt (several prompts of one image each: a square)."""
     verify: bool = True
     """Re-hash the model folder's files against its manifest before loading."""
+    lora: Path | None = None
+    """A LoRA adapter folder (pytorch_lora_weights.safetensors, as train_ldm --lora-rank exports) applied to the UNet."""
+    lora_scale: float = 1.0
+    """Strength of --lora: 0 is the base model, 1 the adapter as trained."""
 
     def __post_init__(self) -> None:
         for name in ("num_images", "steps", "batch_size"):
@@ -87,6 +91,8 @@ class GenerateConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be a positive number of pixels, not {value}")
+        if not math.isfinite(self.lora_scale):
+            raise ConfigError(f"--lora-scale must be a finite number, not {self.lora_scale}")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
 
@@ -145,6 +151,8 @@ def png_metadata(item: GeneratedImage, cfg: GenerateConfig, sampler: str, manife
         "size": f"{item.image.width}x{item.image.height}",
         "model_manifest_id": manifest_id or "",
     }
+    if cfg.lora is not None:  # the adapter is part of the model that made the image
+        fields.update(lora=str(cfg.lora), lora_scale=cfg.lora_scale)
     info = PngInfo()
     for key, value in fields.items():
         info.add_text(key, str(value))
@@ -169,6 +177,10 @@ def run(cfg: GenerateConfig) -> list[Path]:
     check_output_folder(cfg.out)
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     pipe = LatentDiffusionPipeline.from_pretrained(cfg.model, device=device, dtype=dtype, verify=cfg.verify)
+    if cfg.lora is not None:
+        from ldm.lora import load_lora
+
+        load_lora(pipe.unet, cfg.lora, cfg.lora_scale)
     sampler = cfg.sampler or pipe.default_sampler
     build_sampler(sampler, pipe.schedule)  # e.g. heun on a zero-SNR model: refuse before any output
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -116,3 +116,25 @@ def test_export_round_trips_and_a_changed_file_is_refused(saved, tmp_path):
         load_lora(LatentDiffusionPipeline.from_pretrained(saved / "pipe").unet, broken)
     with pytest.raises(FileNotFoundError, match="no pytorch_lora_weights"):
         load_lora(pipe.unet, tmp_path)
+
+
+def test_ldm_generate_applies_lora_at_the_given_scale(saved, tmp_path, capsys):
+    from PIL import Image
+
+    from ldm.generate import main
+
+    common = ["--model", str(saved / "pipe"), "--prompt", PROMPTS[0], "--steps", "3", "--guidance", "3.0",
+              "--device", "cpu"]
+    main([*common, "--lora", str(saved / "adapter"), "--lora-scale", "0.5", "--out", str(tmp_path / "half")])
+    (path,) = sorted((tmp_path / "half").glob("*.png"))
+    image = Image.open(path)
+    assert image.text["lora_scale"] == "0.5" and image.text["lora"] == str(saved / "adapter")
+    ours = LatentDiffusionPipeline.from_pretrained(saved / "pipe")
+    load_lora(ours.unet, saved / "adapter", scale=0.5)
+    assert max_diff([image.convert("RGB")], ours([PROMPTS[0]], steps=3, guidance_scale=3.0, seed=0)) == 0
+    main([*common, "--out", str(tmp_path / "base")])
+    (base,) = sorted((tmp_path / "base").glob("*.png"))
+    assert max_diff([image.convert("RGB")], [Image.open(base).convert("RGB")]) > 1
+    with pytest.raises(SystemExit):
+        main([*common, "--lora", str(tmp_path), "--out", str(tmp_path / "bad")])
+    assert "no pytorch_lora_weights.safetensors" in capsys.readouterr().err
