@@ -27,10 +27,7 @@ def setup_accelerator(run: RunConfig):
         gradient_accumulation_steps=1,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=run.process_group_timeout_s))],
     )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        stage = accelerator.state.deepspeed_plugin.zero_stage
-        if stage == 3:
-            raise SystemExit("DeepSpeed ZeRO-3 shards the weights; our checkpoints need them whole. Use ZeRO-1/2 or DDP.")
+    refuse_sharded_strategies(accelerator.distributed_type, DistributedType)
     if torch.cuda.is_available() and not cpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -39,6 +36,24 @@ def setup_accelerator(run: RunConfig):
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return accelerator
+
+
+def refuse_sharded_strategies(distributed_type, kinds) -> None:
+    """Refuse FSDP, DeepSpeed (every ZeRO stage) and Megatron-LM with a message, before any work.
+
+    Our checkpoints are written by rank 0 from whole weights and a whole optimizer state (DDP keeps
+    both identical on every rank). FSDP and ZeRO-3 shard the weights, ZeRO-1/2 shard the optimizer
+    state: rank 0 would save only its own shard and a resume would silently continue from a wrong
+    optimizer state. ``kinds`` is accelerate's ``DistributedType``.
+    """
+    names = {kinds.FSDP: "FSDP", kinds.DEEPSPEED: "DeepSpeed", kinds.MEGATRON_LM: "Megatron-LM"}
+    if distributed_type in names:
+        raise SystemExit(
+            f"{names[distributed_type]} shards the weights or the optimizer state across processes, but this "
+            "pipeline's checkpoints hold them whole (rank 0 writes them), so exact resume would break. Use DDP "
+            "(`accelerate config` -> multi-GPU, no DeepSpeed/FSDP): it fits SD-1.5-sized UNets on one GPU in bf16; "
+            "lower --run.batch-size and raise --run.grad-accum-steps, or add --gradient-checkpointing, for memory."
+        )
 
 
 def make_generators(seed: int, rank: int, names: Iterable[str], device: str | torch.device = "cpu") -> dict[str, torch.Generator]:

@@ -7,6 +7,7 @@ A checkpoint is a folder ``step_00001234/`` under the run's ``checkpoints/`` fol
   optim-<name>.json             ... and the rest of its state_dict (param groups, scalar step counts)
   state.json                    step, LR schedules, grad scaler, counters (rank 0)
   rank-<r>.json                 per-process state: every torch.Generator, the data position
+  run.json                      the resolved config and stage fingerprints (``resume_check``)
   manifest.json                 sha256 of every file above, written last
 
 Why not accelerate's ``save_state``: with a total limit it deletes the old checkpoint before the
@@ -17,11 +18,15 @@ logged, and its custom objects are pickles. Here:
 2. rank 0 writes ``manifest.json`` last, fsyncs, and renames the folder into place;
 3. only then are checkpoints beyond ``keep_last`` deleted;
 4. resume verifies the manifest (sha256 catches a flipped byte that safetensors alone would load)
-   and falls back to the previous checkpoint when the newest is damaged.
+   and falls back to the previous checkpoint when the newest is damaged (any unreadable manifest,
+   missing or altered file); when every checkpoint is damaged it stops (``NoUsableCheckpoint``)
+   instead of starting over in the run's folder;
+5. rotation only ever deletes checkpoints older than the one just written: damaged ones from
+   further on (skipped at resume) never push the new, good one out.
 
-Weights in DDP are identical on every rank, so rank 0 writes them once. Sharded strategies (FSDP
-full-shard, DeepSpeed ZeRO-3) would need every rank to write its shard; they are refused by
-``runtime.setup_accelerator`` until that is supported.
+Weights and optimizer state in DDP are identical on every rank, so rank 0 writes them once.
+Strategies that shard either (FSDP, DeepSpeed ZeRO-1/2/3) would need every rank to write its
+shard; ``accelerator.setup_accelerator`` refuses them with a message until that is supported.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from foundation import fsync_dir, fsync_file, sha256_file
@@ -44,11 +50,24 @@ from foundation import fsync_dir, fsync_file, sha256_file
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+RECORD_FILE = "run.json"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+# Checkpoints verified in this process: path -> stamp of its files. Resume checks the
+# newest checkpoint's record before the data is set up and loads it later; hashing gigabytes once is enough.
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _stamp(folder: Path, names: list[str]) -> tuple:
+    """(name, size, mtime_ns) of each file: a file rewritten since it was hashed changes its stamp."""
+    return tuple((n, (st := (folder / n).stat()).st_size, st.st_mtime_ns) for n in names)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing files, a bad hash, or a mismatched run."""
+
+
+class NoUsableCheckpoint(CheckpointError):
+    """Checkpoints exist but none verifies: resuming is impossible and starting over would hide it."""
 
 
 class JSONStateful(Protocol):
@@ -155,6 +174,42 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not UTF-8 JSON ({e})") from e
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """A manifest that is a JSON object mapping plain file names to sha256 strings, listing state.json."""
+    manifest = _read_json(path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise CheckpointError(f"{path} is not a checkpoint manifest (expected a JSON object whose 'files' maps names to sha256)")
+    bad = [k for k in files if "/" in k or "\\" in k or k in ("", ".", "..")]
+    if bad:
+        raise CheckpointError(f"{path} lists names outside its folder: {bad}")
+    if "state.json" not in files:
+        raise CheckpointError(f"{path} does not list state.json")
+    return manifest
+
+
+def check_tensor_shapes(path: Path, expected: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse, naming the tensors, a weight file whose names or shapes differ from the module's (read from the header only)."""
+    with safe_open(str(path), framework="pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    wanted = {k: tuple(v.shape) for k, v in expected.items()}
+    problems = [f"{k} missing from the checkpoint" for k in sorted(set(wanted) - set(saved))]
+    problems += [f"{k} not in the model" for k in sorted(set(saved) - set(wanted))]
+    problems += [f"{k}: checkpoint {list(saved[k])}, model {list(wanted[k])}"
+                 for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"{path}: the saved {what} does not fit the model this run built ({shown}). "
+                              "The model's shape changed since the checkpoint; restore the old settings or start a new run.")
+
+
 class CheckpointManager:
     """Saves and restores ``TrainState`` under ``root`` for one run (all processes call it)."""
 
@@ -164,6 +219,8 @@ class CheckpointManager:
         self.root = Path(root)
         self.dist = dist
         self.keep_last = keep_last
+        self.record: dict[str, Any] | None = None  # written into each checkpoint as run.json when set
+        self.skipped: list[str] = []  # why each damaged checkpoint was passed over by latest_valid
 
     # -- listing -----------------------------------------------------------------------------
 
@@ -175,28 +232,62 @@ class CheckpointManager:
         return [p for _, p in sorted(found)]
 
     def verify(self, path: Path) -> dict[str, Any]:
-        """Return the manifest of ``path`` after checking every file's sha256; raise if anything is off."""
+        """Return the manifest of ``path`` after checking every file's sha256; raise if anything is off.
+
+        Any damage is a ``CheckpointError``: a missing, non-UTF-8, non-JSON or mis-shaped manifest,
+        a listed file missing or altered, a listing without ``state.json``. A checkpoint verified
+        once in this process (same manifest mtime) is not hashed again.
+        """
+        path = Path(path)
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
             raise CheckpointError(f"{path}: no manifest.json, so the save never completed")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        for name, digest in manifest["files"].items():
-            f = path / name
-            if not f.is_file():
+        manifest = _read_manifest(manifest_path)
+        for name in manifest["files"]:
+            if not (path / name).is_file():
                 raise CheckpointError(f"{path}: {name} is listed in the manifest but missing")
-            if sha256_file(f) != digest:
+        stamp = _stamp(path, ["manifest.json", *manifest["files"]])
+        if _VERIFIED.get(path) == stamp:
+            return manifest
+        for name, digest in manifest["files"].items():
+            if sha256_file(path / name) != digest:
                 raise CheckpointError(f"{path}: {name} is corrupt (its sha256 does not match the manifest)")
+        _VERIFIED[path] = stamp
         return manifest
 
     def latest_valid(self) -> Path | None:
-        """Newest checkpoint that verifies; damaged ones are reported and skipped."""
+        """Newest checkpoint that verifies; damaged ones are logged, listed in ``skipped`` and passed over.
+
+        None when there is no checkpoint at all (a fresh run). When checkpoints exist and every one
+        is damaged, raise ``NoUsableCheckpoint``: a fresh start would silently train over the run.
+        """
+        self.skipped = []
         for path in reversed(self.complete_checkpoints()):
             try:
                 self.verify(path)
                 return path
-            except (CheckpointError, json.JSONDecodeError, KeyError) as e:
-                log.warning("skipping damaged checkpoint: %s", e)
+            except (CheckpointError, OSError) as e:
+                reason = str(e) if isinstance(e, CheckpointError) else f"{path}: unreadable ({e})"
+                self.skipped.append(reason)
+                log.warning("skipping damaged checkpoint: %s", reason)
+        if self.skipped:
+            raise NoUsableCheckpoint(
+                f"every checkpoint in {self.root} is damaged, so this run cannot resume:\n  "
+                + "\n  ".join(self.skipped)
+                + f"\nNothing was loaded or overwritten. Restore a checkpoint from a backup into {self.root}, or, "
+                "to start this run over from step 0, move that folder away (or pick another --run.output-dir)."
+            )
         return None
+
+    def read_record(self, path: Path) -> dict[str, Any] | None:
+        """The config and stage fingerprints saved with ``path`` (None: written before they were saved)."""
+        manifest = self.verify(path)
+        if RECORD_FILE not in manifest["files"]:
+            return None
+        record = _read_json(Path(path) / RECORD_FILE)
+        if not isinstance(record, dict):
+            raise CheckpointError(f"{path}: {RECORD_FILE} is not a JSON object")
+        return record
 
     # -- saving ------------------------------------------------------------------------------
 
@@ -215,7 +306,7 @@ class CheckpointManager:
         self.dist.wait_for_everyone()  # every rank's file is on disk before the manifest
         if self.dist.is_main_process:
             self._finalise(tmp, final, state.step)
-            self._rotate()
+            self._rotate(state.step)
         self.dist.wait_for_everyone()
         return final
 
@@ -242,6 +333,8 @@ class CheckpointManager:
             "shared": {k: obj.state_dict() for k, obj in state.shared.items()},
         }
         _write_json(tmp / "state.json", shared)
+        if self.record is not None:
+            _write_json(tmp / RECORD_FILE, self.record)
 
     def _finalise(self, tmp: Path, final: Path, step: int) -> None:
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -255,8 +348,10 @@ class CheckpointManager:
         os.replace(tmp, final)
         fsync_dir(self.root)
 
-    def _rotate(self) -> None:
-        complete = self.complete_checkpoints()
+    def _rotate(self, saved_step: int) -> None:
+        # Only checkpoints up to the one just written count: anything further on was skipped as
+        # damaged at resume, and letting it count would delete the newest good checkpoint.
+        complete = [p for p in self.complete_checkpoints() if int(_STEP_DIR.match(p.name).group(1)) <= saved_step]
         for old in complete[: max(0, len(complete) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".tmp-step_*"):
@@ -265,15 +360,27 @@ class CheckpointManager:
     # -- loading -----------------------------------------------------------------------------
 
     def load(self, path: Path, state: TrainState) -> None:
-        """Restore ``state`` in place from ``path`` (verified first)."""
-        self.verify(path)
-        shared = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        """Restore ``state`` in place from ``path`` (verified first; tensor names and shapes checked before loading)."""
+        manifest = self.verify(path)
+        listed = set(manifest["files"])
+        needed = ["state.json", f"rank-{self.dist.process_index}.json"]
+        needed += [f"module-{n}.safetensors" for n in state.modules]
+        needed += [f"optim-{n}.{ext}" for n in state.optimizers for ext in ("safetensors", "json")]
+        unlisted = [n for n in needed if n not in listed]
+        if unlisted:
+            raise CheckpointError(f"{path}: its manifest does not list {unlisted}; this run's state is not in it")
+        shared = _read_json(path / "state.json")
+        named = _STEP_DIR.match(Path(path).name)
+        if named and int(shared["step"]) != int(named.group(1)):
+            raise CheckpointError(f"{path}: state.json says step {shared['step']}, the folder name another; it was renamed or mixed up")
         if shared["world_size"] != self.dist.num_processes:
             raise CheckpointError(
                 f"{path} was written by {shared['world_size']} processes but this run has "
                 f"{self.dist.num_processes}; an exact resume needs the same number of processes "
                 "(each one's random streams and data position are saved). Relaunch with the original count."
             )
+        for name, module in state.modules.items():
+            check_tensor_shapes(path / f"module-{name}.safetensors", module.state_dict(), name)
         for name, module in state.modules.items():
             module.load_state_dict(load_file(str(path / f"module-{name}.safetensors")))
         for name, opt in state.optimizers.items():
