@@ -7,9 +7,11 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from data import build_loader, iterate_once
 from launch.evaluation.pictures import labelled_grid, plot_curves
@@ -22,6 +24,10 @@ from ldm.conditioning import drop_captions
 from ldm.objective import DiffusionObjective
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.unet import unet_denoiser
+from text_encoder import FrozenTextEncoder
+
+if TYPE_CHECKING:  # the command owns its config; imported for annotations only
+    from launch.train_ldm import TrainLDMConfig
 
 VAL_TIMESTEPS = (50, 250, 500, 750, 950)
 
@@ -33,7 +39,8 @@ class Batches:
     switching caching on changes where the numbers come from, not which random stream they use.
     """
 
-    def __init__(self, cfg, acc, vae, text_encoder, vae_fingerprint: dict[str, Any]):
+    def __init__(self, cfg: TrainLDMConfig, acc: Accelerator, vae: AutoencoderKL, text_encoder: FrozenTextEncoder,
+                 vae_fingerprint: dict[str, Any]):
         self.acc, self.vae, self.text_encoder = acc, vae, text_encoder
         run = cfg.run
         self.cached_text = cfg.cache_text
@@ -74,7 +81,7 @@ class Batches:
 class UNetStep:
     """What one stage-3 optimizer step works on (``unet`` is the accelerate-prepared, maybe compiled, one)."""
 
-    acc: Any  # accelerate.Accelerator
+    acc: Accelerator
     unet: torch.nn.Module
     objective: DiffusionObjective
     opt: torch.optim.Optimizer
@@ -114,7 +121,8 @@ def train_step(s: UNetStep, step: int) -> tuple[dict[str, torch.Tensor], bool]:
     return logs, applied
 
 
-def compose_pipeline(cfg, unet, vae, text_encoder, objective: DiffusionObjective) -> LatentDiffusionPipeline:
+def compose_pipeline(cfg: TrainLDMConfig, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                     text_encoder: FrozenTextEncoder, objective: DiffusionObjective) -> LatentDiffusionPipeline:
     """The in-memory pipeline around a bare UNet and the already-loaded frozen stages (no disk reads)."""
     return LatentDiffusionPipeline(unet, vae, text_encoder, objective.cfg.schedule, vae_dir=cfg.vae,
                                    default_sampler=cfg.sampler, unet_config=cfg.unet)
@@ -123,7 +131,8 @@ def compose_pipeline(cfg, unet, vae, text_encoder, objective: DiffusionObjective
 class Evaluator:
     """Held-out loss at fixed timesteps and sample grids, with the EMA weights, on rank 0."""
 
-    def __init__(self, cfg, acc, vae, text_encoder, objective: DiffusionObjective, out: Path):
+    def __init__(self, cfg: TrainLDMConfig, acc: Accelerator, vae: AutoencoderKL, text_encoder: FrozenTextEncoder,
+                 objective: DiffusionObjective, out: Path):
         self.cfg, self.acc, self.vae, self.te, self.objective, self.out = cfg, acc, vae, text_encoder, objective, out
         self.batch_size = cfg.run.eval_batch_size
         self.latents = self.hidden = None
@@ -133,7 +142,7 @@ class Evaluator:
         self.pipe: LatentDiffusionPipeline | None = None  # composed once around eval_unet
 
     @torch.no_grad()
-    def _load_validation(self, cfg) -> None:
+    def _load_validation(self, cfg: TrainLDMConfig) -> None:
         latents, hidden, n = [], [], 0
         for batch in iterate_once(cfg.data.replace(source=cfg.val_data), batch_size=self.batch_size):
             latents.append(self.vae.encode(batch["pixel_values"].to(self.acc.device)).latent_dist.mean)
@@ -144,13 +153,13 @@ class Evaluator:
         self.latents = torch.cat(latents)[: cfg.val_samples]
         self.hidden = torch.cat(hidden)[: cfg.val_samples]
 
-    def _ema_unet(self, unet, ema: EMA | None):
+    def _ema_unet(self, unet: torch.nn.Module, ema: EMA | None) -> UNet2DConditionModel:
         raw = self.acc.unwrap_model(unet, keep_torch_compile=False)
         self.eval_unet = averaged_copy(raw, ema, into=self.eval_unet)
         return self.eval_unet
 
     @torch.no_grad()
-    def validation_loss(self, unet, ema: EMA | None) -> dict[str, float]:
+    def validation_loss(self, unet: torch.nn.Module, ema: EMA | None) -> dict[str, float]:
         """Mean squared error of the prediction target at fixed t with fixed noise (comparable over time)."""
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process or self.latents is None:
@@ -172,7 +181,7 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def sample_grid(self, unet, ema: EMA | None, step: int) -> Path | None:
+    def sample_grid(self, unet: torch.nn.Module, ema: EMA | None, step: int) -> Path | None:
         """Fixed prompts x guidance scales with fixed seeds, one row per guidance scale."""
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process or not self.cfg.sample_prompts:
@@ -194,7 +203,8 @@ class Evaluator:
         return path
 
 
-def export(cfg, acc, unet, ema: EMA | None, vae, text_encoder, objective: DiffusionObjective, out: Path,
+def export(cfg: TrainLDMConfig, acc: Accelerator, unet: torch.nn.Module, ema: EMA | None, vae: AutoencoderKL,
+           text_encoder: FrozenTextEncoder, objective: DiffusionObjective, out: Path,
            training_config: dict[str, Any]) -> Path:
     """The composed pipeline folder with the EMA weights, written by rank 0."""
     folder = out / "pipeline"

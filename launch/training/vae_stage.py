@@ -4,17 +4,20 @@ and the final export with latent statistics."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
 
 from autoencoder.folder import save_autoencoder
 from autoencoder.latents import LatentStatistics, fold_latent_statistics
 from autoencoder.metrics import reconstruction_metrics
-from data import iterate_once
+from data import DataConfig, iterate_once
 from autoencoder.losses import AutoencoderLoss
 from launch.evaluation.pictures import plot_curves, reconstruction_grid
 from launch.training.config import RunConfig
@@ -22,12 +25,15 @@ from launch.training.ema import EMA, averaged_copy
 from launch.training.guard import StepGuard
 from launch.training.tracking import add_logs, read_metrics
 
+if TYPE_CHECKING:  # the command owns its config; imported for annotations only
+    from launch.train_vae import TrainVAEConfig
+
 
 @dataclass
 class AutoencoderStep:
     """What one stage-1 optimizer step works on (the models are the accelerate-prepared ones)."""
 
-    acc: Any  # accelerate.Accelerator
+    acc: Accelerator
     model: torch.nn.Module  # TrainableAutoencoder, DDP-wrapped when distributed
     disc: torch.nn.Module
     loss_fn: AutoencoderLoss
@@ -81,7 +87,7 @@ def train_step(s: AutoencoderStep, micro_batches: list[torch.Tensor], step: int)
 class Validator:
     """PSNR / SSIM of the EMA weights on a fixed held-out set, plus a reconstruction grid (rank 0)."""
 
-    def __init__(self, cfg, acc, out: Path):
+    def __init__(self, cfg: TrainVAEConfig, acc: Accelerator, out: Path):
         self.acc = acc
         self.out = out
         self.batch_size = cfg.run.eval_batch_size
@@ -100,7 +106,7 @@ class Validator:
         self.eval_model: torch.nn.Module | None = None  # the EMA copy, refilled at each validation
 
     @torch.no_grad()
-    def run(self, model, ema: EMA | None, step: int) -> dict[str, float]:
+    def run(self, model: torch.nn.Module, ema: EMA | None, step: int) -> dict[str, float]:
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return {}
@@ -121,7 +127,8 @@ class Validator:
 
 
 @torch.no_grad()
-def measure_latent_statistics(data_cfg, acc, vae, max_samples: int, batch_size: int) -> LatentStatistics:
+def measure_latent_statistics(data_cfg: DataConfig, acc: Accelerator, vae: AutoencoderKL, max_samples: int,
+                              batch_size: int) -> LatentStatistics:
     """Per-channel latent mean/std over ``data_cfg``'s images (centre crops, no flips), summed
     across all processes; ``max_samples`` 0 means all."""
     stats = LatentStatistics(vae.config.latent_channels, device=acc.device)
@@ -139,7 +146,7 @@ def measure_latent_statistics(data_cfg, acc, vae, max_samples: int, batch_size: 
     return LatentStatistics.from_tensor(totals.cpu())
 
 
-def export(cfg, acc, model, ema: EMA | None, out: Path) -> Path:
+def export(cfg: TrainVAEConfig, acc: Accelerator, model: torch.nn.Module, ema: EMA | None, out: Path) -> Path:
     """EMA weights -> latent statistics (all ranks) -> folded, saved ``out/model`` (rank 0)."""
     final = averaged_copy(acc.unwrap_model(model), ema)
     stats = measure_latent_statistics(cfg.data, acc, final.vae, cfg.stats_samples, cfg.run.eval_batch_size)
@@ -160,7 +167,7 @@ def plot(out: Path) -> None:
     plot_curves(records, ["psnr", "ssim"], out / "val_curves.png", "autoencoder: validation (EMA)", kind="val")
 
 
-def micro_batches(loader_iter, n: int, device) -> list[torch.Tensor]:
+def micro_batches(loader_iter: Iterator[dict[str, Any]], n: int, device: torch.device) -> list[torch.Tensor]:
     return [next(loader_iter)["pixel_values"].to(device, non_blocking=True) for _ in range(n)]
 
 
