@@ -25,6 +25,7 @@ from PIL import Image
 
 from launch.evaluation.pictures import labelled_grid
 from ldm.cli import parse_config
+from text_encoder.precision import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,14 +74,6 @@ def _run(cmd: list[str], title: str) -> float:
     elapsed = time.time() - start
     print(f"=== {title}: {elapsed / 60:.1f} min", flush=True)
     return elapsed
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where oneDNN runs bf16 in hardware (AMX or AVX512-BF16); elsewhere bf16 is emulated and slower."""
-    try:  # private helpers, present since torch 2.1; a missing one means "don't know": stay in fp32
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:
-        return False
 
 
 def labelled_samples(folder: Path, prompts: list[str], scale: int = 2) -> Image.Image:
