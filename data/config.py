@@ -72,7 +72,19 @@ class DataConfig:
     allow_pipe_urls: bool = False
     """Allow `pipe:` shard URLs. They run a shell command, so only for specs you wrote yourself."""
 
+    buckets: tuple[str, ...] = ()
+    """Aspect-ratio buckets instead of square crops: a preset (sdxl: SDXL's ratios at resolution**2 pixels) and/or WxH sizes, sides multiples of 64."""
+    sources: tuple[str, ...] = ()
+    """Several sources mixed, instead of `source`: each SPEC or SPEC#weight=3&caption_column=alt (see data/mix.py)."""
+
     def __post_init__(self) -> None:
+        if any(isinstance(e, dict) for e in self.sources):  # --config objects -> their entry strings
+            from data.mix import format_source_entry
+
+            entries = tuple(format_source_entry(e) if isinstance(e, dict) else e for e in self.sources)
+            object.__setattr__(self, "sources", entries)
+        if isinstance(self.buckets, str):  # "sdxl" in a --config file
+            object.__setattr__(self, "buckets", (self.buckets,))
         problems = self.problems()
         if problems:
             raise DataConfigError("Invalid data config: " + "; ".join(problems) + ".")
@@ -102,7 +114,19 @@ class DataConfig:
             out.append("shuffle_block must be at least 1")
         if not self.image_formats or not self.image_extensions:
             out.append("image_formats and image_extensions must not be empty")
+        from data.buckets import bucket_problems
+        from data.mix import mix_problems
+
+        out.extend(bucket_problems(self.buckets))
+        if self.sources and self.source:
+            out.append("give either source (--data SPEC) or sources (--data.sources SPEC SPEC ...), not both; "
+                       "for one source of a mix use cfg.with_source(SPEC)")
+        out.extend(mix_problems(self.sources))
         return out
+
+    def with_source(self, spec: str) -> DataConfig:
+        """This config reading `spec` alone (e.g. validation data), whatever `source`/`sources` were."""
+        return dataclasses.replace(self, source=spec, sources=())
 
     def replace(self, **changes: object) -> DataConfig:
         return dataclasses.replace(self, **changes)

@@ -4,7 +4,9 @@ Each sample becomes `KEY.png` or `KEY.jpg` (decoded safely, transparency composi
 most `max_side`, re-encoded), `KEY.txt` (the caption; a list-valued caption goes into the .json under
 `caption_column` instead) and `KEY.json` (`original_size` [H, W] of the source image plus every
 metadata column). Keys are made safe (data/keys.py). Shards are written to a temporary name and
-renamed when complete; `stats.json` is written last, so a folder with it is complete.
+renamed when complete; `stats.json` is written last, so a folder with it is complete. With
+`--data.buckets`, each shard holds one bucket, named in the file (`shard-b512x768-000000.tar`), so
+the loader can draw a batch of one bucket on every process without reading shards out of order.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +24,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from foundation import write_json_atomic
+from data.buckets import nearest_bucket, resolve_buckets, shard_tag
 from data.captions import caption_text
 from data.config import DataConfig
 from data.decode import BadSample
@@ -28,6 +32,7 @@ from data.keys import shard_key
 from data.sample import RawRecord, decode_record
 
 SHARD_PATTERN = "shard-{:06d}.tar"
+OUR_SHARD = re.compile(r"^shard-(b\d+x\d+-)?\d{6}\.tar(\.tmp)?$")
 
 
 @dataclass(frozen=True)
@@ -104,10 +109,11 @@ def _stored_caption(raw: object, cfg: DataConfig) -> str | list[str]:
 class ShardSink:
     """Writes members into numbered shards of `samples_per_shard`, each renamed into place when full."""
 
-    def __init__(self, out_dir: Path, samples_per_shard: int) -> None:
-        self.out_dir, self.samples_per_shard = out_dir, samples_per_shard
+    def __init__(self, out_dir: Path, samples_per_shard: int, pattern: str = SHARD_PATTERN,
+                 keys: set[str] | None = None) -> None:
+        self.out_dir, self.samples_per_shard, self.pattern = out_dir, samples_per_shard, pattern
         self.shards: list[dict[str, Any]] = []
-        self.keys: set[str] = set()
+        self.keys: set[str] = set() if keys is None else keys  # shared by the sinks of one folder
         self._writer: TarWriter | None = None
         self._count = 0
 
@@ -128,7 +134,7 @@ class ShardSink:
         return candidate
 
     def _open_shard(self) -> None:
-        name = SHARD_PATTERN.format(len(self.shards))
+        name = self.pattern.format(len(self.shards))
         self._path = self.out_dir / name
         self._writer = TarWriter(str(self._path) + ".tmp", encoder=False, mtime=0)
         self._count = 0
@@ -152,16 +158,23 @@ def write_shards(records: Iterable[RawRecord], cfg: DataConfig, export: ExportCo
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_shards(out_dir)
     stats = ExportStats(source=cfg.source)
-    sink = ShardSink(out_dir, export.samples_per_shard)
+    buckets = resolve_buckets(cfg.buckets, cfg.resolution) if cfg.buckets else []
+    keys: set[str] = set()
+    sinks: dict[int, ShardSink] = {}
     for record in _counted(records, stats, progress):
         try:
             members = export_sample(record, cfg, export)
         except BadSample as e:
             stats.skip(e.reason, f"{record.key} in {record.origin}: {e.message}")
             continue
-        sink.write(record.key, members)
+        # With buckets, one bucket per shard (the loader cannot sort a shard's samples by bucket).
+        b = nearest_bucket(buckets, *json.loads(members["json"])["original_size"]) if buckets else -1
+        if b not in sinks:
+            pattern = SHARD_PATTERN if b < 0 else "shard-" + shard_tag(buckets[b]) + "-{:06d}.tar"
+            sinks[b] = ShardSink(out_dir, export.samples_per_shard, pattern, keys)
+        sinks[b].write(record.key, members)
         stats.samples_written += 1
-    stats.shards = sink.close()
+    stats.shards = [shard for b in sorted(sinks) for shard in sinks[b].close()]
     return stats
 
 
@@ -192,9 +205,9 @@ def _counted(records: Iterable[RawRecord], stats: ExportStats, progress: Any) ->
 
 
 def remove_shards(out_dir: Path) -> None:
-    """Delete only files this module writes (shard-NNNNNN.tar and their .tmp), nothing else."""
-    for path in out_dir.glob("shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar*"):
-        if path.name.endswith((".tar", ".tar.tmp")):
+    """Delete only files this module writes (shard-NNNNNN.tar, shard-bWxH-NNNNNN.tar, their .tmp)."""
+    for path in out_dir.glob("shard-*.tar*"):
+        if OUR_SHARD.match(path.name):
             path.unlink()
 
 

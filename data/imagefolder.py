@@ -88,6 +88,14 @@ class ImageFolderSource:
             out.append((rel.replace(os.sep, "/"), row))
         return out
 
+    def image_path(self, index: int) -> Path | None:
+        """The image file of record `index` (None when unsafe, missing or not an image): for header reads."""
+        rel = self.paths[index]
+        path = Path(os.path.normpath(self.root / rel))
+        suffixes = tuple("." + e.lower() for e in self.cfg.image_extensions)
+        ok = path.is_relative_to(self.root) and rel.lower().endswith(suffixes) and path.is_file()
+        return path if ok else None
+
     def record(self, index: int) -> RawRecord:
         rel, row = self.paths[index], self.rows[index]
         key = os.path.splitext(rel)[0]

@@ -126,6 +126,8 @@ class CaptionedLoader:
                 f"Loader needs batch_size >= 1, 0 <= rank < world_size and num_workers >= 0; got "
                 f"batch_size={batch_size}, rank={rank}, world_size={world_size}, num_workers={num_workers}."
             )
+        if cfg.buckets or cfg.sources:
+            raise DataConfigError("Bucketed or mixed data needs build_loader/iterate_once (a PlannedLoader).")
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
         self.rank, self.world_size, self.num_workers, self.endless = rank, world_size, num_workers, endless
         self.worker_init = WorkerInit(worker_init_fn)
@@ -298,12 +300,22 @@ def _json_copy(value: Any) -> Any:
     return value
 
 
+def _loader_class(cfg: DataConfig) -> Any:
+    """Bucketed or mixed data: the scheduled loader (data/planned_loader.py); else the plain one."""
+    if cfg.buckets or cfg.sources:
+        from data.planned_loader import PlannedLoader
+
+        return PlannedLoader
+    return CaptionedLoader
+
+
 def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, worker_init_fn: Callable[[int], None] | None = None) -> CaptionedLoader:
     """An endless, resumable stream of training batches for process `rank` of `world_size`.
-    `worker_init_fn` runs in each worker after it has set SIGTERM/SIGUSR1 to be ignored."""
-    return CaptionedLoader(cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
-                           num_workers=num_workers, endless=True, worker_init_fn=worker_init_fn)
+    `worker_init_fn` runs in each worker after it has set SIGTERM/SIGUSR1 to be ignored.
+    With `cfg.buckets` or `cfg.sources` a PlannedLoader (same interface) is returned."""
+    return _loader_class(cfg)(cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                              num_workers=num_workers, endless=True, worker_init_fn=worker_init_fn)
 
 
 def iterate_once(cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -311,5 +323,5 @@ def iterate_once(cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size:
     """One finite pass over this rank's share (centre crop, no flip, stored order), e.g. for latent
     statistics or validation. Ranks' shares may differ by a few samples, and the last batch may be
     short: reduce across ranks after the pass, not per batch."""
-    return CaptionedLoader(cfg, batch_size=batch_size, seed=0, rank=rank, world_size=world_size,
-                           num_workers=num_workers, endless=False, worker_init_fn=worker_init_fn)
+    return _loader_class(cfg)(cfg, batch_size=batch_size, seed=0, rank=rank, world_size=world_size,
+                              num_workers=num_workers, endless=False, worker_init_fn=worker_init_fn)

@@ -1,6 +1,8 @@
 """From a raw record (bytes + stored caption) to the one sample format every source produces.
 
-A sample: {"image": float32 [3, H, W] in [-1, 1], "caption": str, "key": str, "original_size": (H, W)}.
+A sample: {"image": float32 [3, H, W] in [-1, 1], "caption": str, "key": str, "original_size": (H, W),
+"crop_top_left": (top, left)} (the crop's corner in the resized image, SDXL's c_crop conditioning).
+Square by default; with a bucket (W_b, H_b) the image is resized to cover it (data/buckets.py).
 
 All per-sample randomness (crop position, flip, choice among list captions) comes from a generator
 seeded by (seed, epoch, sample identity), never from a global or per-worker RNG, so a sample looks
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from data.buckets import cover_crop_resize
 from data.captions import resolve_caption
 from data.config import DataConfig
 from data.decode import BadSample, decode_rgb
@@ -75,19 +78,35 @@ def decode_record(record: RawRecord, cfg: DataConfig, *, draft_min_side: int | N
     )
 
 
-def make_sample(record: RawRecord, cfg: DataConfig, draws: SampleDraws, *, augment: bool = True) -> dict[str, Any]:
-    """Decode, resize the shorter side, crop a square, maybe flip. `augment=False`: centre, no flip."""
+def make_sample(record: RawRecord, cfg: DataConfig, draws: SampleDraws, *, augment: bool = True,
+                bucket: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Decode, resize the shorter side, crop a square (or cover `bucket` (W, H) and crop the excess),
+    maybe flip. `augment=False`: centre, no flip."""
     if record.problem is not None:
         raise BadSample(*record.problem)
     # The caption first: a sample skipped for its caption costs no image decode.
     caption = resolve_caption(record.caption, missing=cfg.missing_caption, choice=draws.caption)
-    img, original_size = decode_record(record, cfg, draft_min_side=cfg.resolution if cfg.jpeg_draft else None)
+    draft = (cfg.resolution if bucket is None else max(bucket)) if cfg.jpeg_draft else None
+    img, original_size = decode_record(record, cfg, draft_min_side=draft)
     original_size = stored_original_size(record) or original_size
     random_crop = augment and cfg.crop == "random"
     u_x, u_y = (draws.crop_x, draws.crop_y) if random_crop else (0.5, 0.5)
     flip = augment and cfg.flip and draws.flip < 0.5
-    image = crop_resize(img, cfg.resolution, u_x, u_y, flip=flip, resample=cfg.resample)
-    return {"image": image, "caption": caption, "key": record.key, "original_size": original_size}
+    if bucket is None:
+        image = crop_resize(img, cfg.resolution, u_x, u_y, flip=flip, resample=cfg.resample)
+        crop_top_left = square_crop_top_left(img.size, cfg.resolution, u_x, u_y)
+    else:
+        image, crop_top_left = cover_crop_resize(img, bucket, u_x, u_y, flip=flip, resample=cfg.resample)
+    return {"image": image, "caption": caption, "key": record.key, "original_size": original_size,
+            "crop_top_left": crop_top_left}
+
+
+def square_crop_top_left(size: tuple[int, int], resolution: int, u_x: float, u_y: float) -> tuple[int, int]:
+    """(top, left) of `crop_resize`'s square in the image resized to a shorter side of `resolution`."""
+    width, height = size
+    side = min(width, height)
+    left, top = round(u_x * (width - side)), round(u_y * (height - side))
+    return round(top * resolution / side), round(left * resolution / side)
 
 
 def stored_original_size(record: RawRecord) -> tuple[int, int] | None:

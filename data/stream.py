@@ -46,10 +46,12 @@ class MapSource(Protocol):
     def record(self, index: int) -> RawRecord: ...
 
 
-def process_record(record: RawRecord, cfg: DataConfig, draws_seed: int, epoch: int, identity: int | str, augment: bool) -> dict[str, Any]:
+def process_record(record: RawRecord, cfg: DataConfig, draws_seed: int, epoch: int, identity: int | str, augment: bool,
+                   bucket: tuple[int, int] | None = None) -> dict[str, Any]:
     """A stream item without its position: {"sample": ...} or {"bad": (reason, message), key, origin}."""
     try:
-        return {"sample": make_sample(record, cfg, sample_draws(draws_seed, epoch, identity), augment=augment)}
+        draws = sample_draws(draws_seed, epoch, identity)
+        return {"sample": make_sample(record, cfg, draws, augment=augment, bucket=bucket)}
     except BadSample as e:
         return {"bad": (e.reason, e.message), "key": record.key, "origin": record.origin}
     except Exception as e:  # one odd file must not end a days-long run; counted and budgeted instead
@@ -153,39 +155,48 @@ class ShardStream(IterableDataset):
                     yield item
 
     def _lane(self, lane: int) -> Iterator[dict[str, Any]]:
-        epoch, slot, block, offset = self.positions[lane]
-        lanes = len(self.positions)
-        while True:
-            units = self.plan.lane_units(
-                epoch=epoch, seed=self.seed, shuffle=self.endless, rank=self.rank,
-                world_size=self.world_size, lanes=lanes, lane=lane,
-            )
-            for slot in range(slot, len(units)):
-                for item, (block, offset) in self._unit_items(units[slot], epoch, block, offset):
-                    item.update(lane=lane, position=[epoch, slot, block, offset])
-                    yield item
-                block, offset = 0, 0
-                yield {"lane": lane, "position": [epoch, slot + 1, 0, 0], "empty": True}
-            if not self.endless:
-                return
-            epoch, slot = epoch + 1, 0
+        for item, position in lane_shard_items(self.plan, self.cfg, self.seed, self.rank, self.world_size,
+                                               len(self.positions), lane, self.positions[lane], self.endless):
+            item.update(lane=lane, position=position)
+            yield item
 
-    def _unit_items(self, unit: int, epoch: int, first_block: int, offset: int) -> Iterator[tuple[dict[str, Any], tuple[int, int]]]:
-        """Items of one unit from (first_block, offset), each with the (block, offset) after it."""
-        shard = self.plan.shards[unit // self.plan.slices]
-        records = _sliced(iter_shard_records(shard, self.cfg), unit % self.plan.slices, self.plan.slices)
-        size = self.cfg.shuffle_block if self.endless else 1
-        for block, chunk in enumerate(_blocks(records, size)):
-            if block < first_block:
-                continue
-            order = list(range(len(chunk)))
-            if self.endless:
-                random.Random(derived_seed(self.seed, "block", epoch, unit, block)).shuffle(order)
-            for i in range(offset if block == first_block else 0, len(chunk)):
-                record = chunk[order[i]]
-                identity = f"{shard_name(record.origin)}/{record.key}"
-                item = process_record(record, self.cfg, self.seed, epoch, identity, self.endless)
-                yield item, (block, i + 1)
+
+def lane_shard_items(plan: ShardPlan, cfg: DataConfig, seed: int, rank: int, world_size: int, lanes: int, lane: int,
+                     position: list[int], endless: bool, bucket: tuple[int, int] | None = None,
+                     ) -> Iterator[tuple[dict[str, Any], list[int]]]:
+    """One lane's items from `position` [epoch, slot, block, offset] on, each with the position after
+    it; an {"empty": True} item marks the end of each unit (so a lane of empty shards still moves)."""
+    epoch, slot, block, offset = position
+    while True:
+        units = plan.lane_units(epoch=epoch, seed=seed, shuffle=endless, rank=rank, world_size=world_size,
+                                lanes=lanes, lane=lane)
+        for slot in range(slot, len(units)):
+            for item, (block, offset) in unit_items(plan, cfg, seed, units[slot], epoch, block, offset, endless, bucket):
+                yield item, [epoch, slot, block, offset]
+            block, offset = 0, 0
+            yield {"empty": True}, [epoch, slot + 1, 0, 0]
+        if not endless:
+            return
+        epoch, slot = epoch + 1, 0
+
+
+def unit_items(plan: ShardPlan, cfg: DataConfig, seed: int, unit: int, epoch: int, first_block: int, offset: int,
+               endless: bool, bucket: tuple[int, int] | None = None) -> Iterator[tuple[dict[str, Any], tuple[int, int]]]:
+    """Items of one unit from (first_block, offset), each with the (block, offset) after it."""
+    shard = plan.shards[unit // plan.slices]
+    records = _sliced(iter_shard_records(shard, cfg), unit % plan.slices, plan.slices)
+    size = cfg.shuffle_block if endless else 1
+    for block, chunk in enumerate(_blocks(records, size)):
+        if block < first_block:
+            continue
+        order = list(range(len(chunk)))
+        if endless:
+            random.Random(derived_seed(seed, "block", epoch, unit, block)).shuffle(order)
+        for i in range(offset if block == first_block else 0, len(chunk)):
+            record = chunk[order[i]]
+            identity = f"{shard_name(record.origin)}/{record.key}"
+            item = process_record(record, cfg, seed, epoch, identity, endless, bucket)
+            yield item, (block, i + 1)
 
 
 def _sliced(records: Iterator[RawRecord], k: int, m: int) -> Iterator[RawRecord]:
@@ -210,10 +221,12 @@ def _blocks(records: Iterator[RawRecord], size: int) -> Iterator[list[RawRecord]
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Samples -> the batch contract: pixel_values [B, 3, H, W], captions, keys, original_sizes [B, 2]."""
+    """Samples -> the batch contract: pixel_values [B, 3, H, W], captions, keys, original_sizes [B, 2]
+    (H, W), crop_top_left [B, 2] (top, left in the resized image, before cropping)."""
     return {
         "pixel_values": torch.stack([s["image"] for s in samples]).contiguous(),
         "captions": [s["caption"] for s in samples],
         "keys": [s["key"] for s in samples],
         "original_sizes": torch.tensor([list(s["original_size"]) for s in samples], dtype=torch.long),
+        "crop_top_left": torch.tensor([list(s["crop_top_left"]) for s in samples], dtype=torch.long),
     }

@@ -123,6 +123,24 @@ def make_image_folder(root: Path, n: int, *, size: tuple[int, int] = (48, 40)) -
     return captions
 
 
+MIXED_SHAPES = {"portrait": (96, 160), "landscape": (160, 96), "panorama": (320, 64), "square": (128, 128),
+                "tiny": (24, 20)}
+"""(W, H) of each kind in `make_mixed_shape_folder`."""
+
+
+def make_mixed_shape_folder(root: Path, counts: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """`counts[kind]` PNGs of each MIXED_SHAPES kind, with sidecar captions. Returns key -> (W, H)."""
+    root.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for kind, n in counts.items():
+        for i in range(n):
+            key = f"{kind}{i:03d}"
+            textured(len(sizes), MIXED_SHAPES[kind]).save(root / f"{key}.png")
+            (root / f"{key}.txt").write_text(f"a {kind} picture {i}", encoding="utf-8")
+            sizes[key] = MIXED_SHAPES[kind]
+    return sizes
+
+
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:

@@ -1,0 +1,208 @@
+"""Batches drawn from sub-streams by a schedule: aspect-ratio buckets and several sources mixed.
+
+A *sub-stream* is one (source, bucket) pair: the indices of a map-style source whose images fall in
+that bucket, or the shards of a source that hold that bucket (data/buckets.py, bucketed shards).
+Every batch comes from one sub-stream, so it holds one bucket and one source.
+
+The schedule (the same on every process): schedule epoch E is a list of sub-stream ids, sub-stream k
+appearing `counts[k]` times, shuffled by (seed, E). `counts` follow each source's repeat (k's
+samples per process / batch size x repeat) or weight (the source's share of one epoch's batches,
+split over its buckets by size), so buckets are visited in proportion to their size and the mix is
+exact per schedule epoch. Step t is entry t mod L of epoch t // L. All processes step through the
+same list, so at every step every process holds a batch of the same bucket and source.
+
+Reading: process r's share of sub-stream k in its epoch e is every W-th entry of k's permutation
+seeded by (seed, k, e), wrapping around so every process gets ceil(n_k / W) entries (a sub-stream
+smaller than W repeats a few samples). `lanes` parallel readers split that share again the same
+way; lane j makes the batches of steps j, j + lanes, ...: it draws from sub-stream k until it has a
+full batch (a bad sample is counted and the next one drawn), so batches are always full and a
+lane's position {"step", "streams": {k: position}} is all it needs to resume. Worker w of K serves
+lanes w, w + K, ... and items come out round robin over lanes, so the order depends on the lane
+count only (as for plain shards, data/stream.py).
+
+Sub-streams keep their own epochs: a small bucket is re-permuted more often than a large one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import IterableDataset
+
+from data.config import DataConfig, DataConfigError
+from data.stream import MapSource, ShardPlan, _worker_slot, collate, derived_seed, lane_shard_items, process_record
+
+# A lane that draws this many samples beyond a batch without filling it reports the sub-stream dead.
+MAX_EXTRA_DRAWS = 10_000
+
+
+@dataclass
+class SubStream:
+    """One (source, bucket) pair. Exactly one of `indices` (map source) and `shards` is set."""
+
+    source: int
+    bucket: tuple[int, int] | None
+    size: int
+    """Samples in it (for shards: counted from stats.json or the tar headers)."""
+    indices: np.ndarray | None = None
+    shards: tuple[str, ...] | None = None
+
+
+def deal(items: np.ndarray, part: int, parts: int) -> np.ndarray:
+    """Entries part, part + parts, ... wrapping around, so every part gets ceil(n / parts) entries."""
+    n = len(items)
+    return items[(part + np.arange(math.ceil(n / parts)) * parts) % n] if n else items
+
+
+def batch_counts(streams: list[SubStream], repeats: list[float], weights: list[float] | None,
+                 batch_size: int, world_size: int) -> list[int]:
+    """How often each sub-stream appears in one schedule epoch (see the module docstring)."""
+    batches = [math.ceil(s.size / world_size) / batch_size for s in streams]  # one pass, per process
+    if weights is None:
+        return [max(1, round(b * repeats[s.source])) if s.size and repeats[s.source] > 0 else 0
+                for s, b in zip(streams, batches)]
+    total = max(len(weights), round(sum(batches)))
+    counts = [0] * len(streams)
+    for source, weight in enumerate(weights):
+        mine = [k for k, s in enumerate(streams) if s.source == source and s.size]
+        if not mine:
+            continue
+        quota = max(1, round(total * weight / sum(weights)))
+        shares = [quota * batches[k] / sum(batches[i] for i in mine) for k in mine]
+        floors = [math.floor(x) for x in shares]
+        # largest remainder: the sub-streams with the biggest fractions get the leftover batches
+        for i in sorted(range(len(mine)), key=lambda i: floors[i] - shares[i])[: quota - sum(floors)]:
+            floors[i] += 1
+        for k, c in zip(mine, floors):
+            counts[k] = c
+    return counts
+
+
+def schedule_epoch(counts: list[int], seed: int, epoch: int) -> list[int]:
+    order = [k for k, c in enumerate(counts) for _ in range(c)]
+    random.Random(derived_seed(seed, "schedule", epoch)).shuffle(order)
+    return order
+
+
+@dataclass
+class PlannedStream(IterableDataset):
+    """Batches of one sub-stream each, following the schedule; `positions[lane]` as in the docstring."""
+
+    streams: list[SubStream]
+    sources: list[MapSource | None]
+    """Per source of the mix: its map source, or None for shards."""
+    cfgs: list[DataConfig]
+    counts: list[int]
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    positions: list[dict[str, Any]]
+    next_lane: int = 0
+    endless: bool = True
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        self._schedule: tuple[int, list[int]] | None = None
+        self._plans = {k: ShardPlan.make(s.shards, self.world_size, len(self.positions))
+                       for k, s in enumerate(self.streams) if s.shards is not None}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker_slot()
+        lanes = len(self.positions)
+        mine = [(self.next_lane + worker + j * num_workers) % lanes for j in range(lanes // num_workers)]
+        readers = [self._lane(lane) if self.endless else self._finite_lane(lane) for lane in mine]
+        while readers:
+            for reader in list(readers):
+                item = next(reader, None)
+                if item is None:
+                    readers.remove(reader)
+                else:
+                    yield item
+
+    def stream_at(self, step: int) -> int:
+        length = sum(self.counts)
+        epoch, offset = divmod(step, length)
+        if self._schedule is None or self._schedule[0] != epoch:
+            self._schedule = (epoch, schedule_epoch(self.counts, self.seed, epoch))
+        return self._schedule[1][offset]
+
+    # ----- endless: full batches in schedule order -------------------------------------------------
+
+    def _lane(self, lane: int) -> Iterator[dict[str, Any]]:
+        step = self.positions[lane]["step"]
+        streams = {int(k): list(v) for k, v in self.positions[lane]["streams"].items()}
+        readers: dict[int, Iterator[tuple[dict[str, Any], list[int]]]] = {}
+        while True:
+            k = self.stream_at(step)
+            if k not in readers:
+                readers[k] = self._reader(k, lane, streams.get(k, [0, 0, 0, 0]))
+            samples, bad, draws = [], [], 0
+            while len(samples) < self.batch_size:
+                item, streams[k] = next(readers[k])
+                draws += 1
+                if "sample" in item:
+                    samples.append(item["sample"])
+                elif "bad" in item:
+                    bad.append([*item["bad"], item["key"], item["origin"]])
+                if draws > self.batch_size + MAX_EXTRA_DRAWS:
+                    yield {"lane": lane, "error": self._dead(k)}
+                    return
+            step += len(self.positions)
+            yield {"batch": collate(samples), "stream": k, "bad": bad, "lane": lane,
+                   "position": {"step": step, "streams": {str(i): list(p) for i, p in streams.items()}}}
+
+    def _reader(self, k: int, lane: int, position: list[int]) -> Iterator[tuple[dict[str, Any], list[int]]]:
+        """Sub-stream k's items for this lane from `position` on, each with the position after it."""
+        stream = self.streams[k]
+        cfg = self.cfgs[stream.source]
+        if stream.shards is not None:
+            yield from lane_shard_items(self._plans[k], cfg, derived_seed(self.seed, "stream", k), self.rank,
+                                        self.world_size, len(self.positions), lane, position, True, stream.bucket)
+            return
+        epoch, offset = position[0], position[1]
+        source = self.sources[stream.source]
+        while True:
+            order = np.random.default_rng(derived_seed(self.seed, "stream", k, epoch)).permutation(stream.indices)
+            part = deal(deal(order, self.rank, self.world_size), lane, len(self.positions))
+            for offset in range(offset, len(part)):
+                index = int(part[offset])
+                identity = f"{stream.source}/{index}"
+                item = process_record(source.record(index), cfg, self.seed, epoch, identity, True, stream.bucket)  # type: ignore[union-attr]
+                yield item, [epoch, offset + 1, 0, 0]
+            epoch, offset = epoch + 1, 0
+
+    def _dead(self, k: int) -> str:
+        stream = self.streams[k]
+        return (f"--data source {self.cfgs[stream.source].source!r}, bucket {stream.bucket}: {MAX_EXTRA_DRAWS} samples "
+                "in a row were unusable; check it with `python -m launch.prepare_data --data SPEC --validate`.")
+
+    # ----- finite: every sample once, in stored order, grouped by sub-stream --------------------------
+
+    def _finite_lane(self, lane: int) -> Iterator[dict[str, Any]]:
+        lanes = len(self.positions)
+        for k, stream in enumerate(self.streams):
+            cfg = self.cfgs[stream.source]
+            if stream.shards is not None:
+                items = (item for item, _ in lane_shard_items(self._plans[k], cfg, 0, self.rank, self.world_size,
+                                                              lanes, lane, [0, 0, 0, 0], False, stream.bucket))
+            else:
+                source = self.sources[stream.source]
+                mine = list(stream.indices[self.rank :: self.world_size][lane::lanes])  # type: ignore[index]
+                items = (process_record(source.record(int(i)), cfg, 0, 0, int(i), False, stream.bucket) for i in mine)  # type: ignore[union-attr]
+            samples, bad = [], []
+            for item in items:
+                if "sample" in item:
+                    samples.append(item["sample"])
+                elif "bad" in item:
+                    bad.append([*item["bad"], item["key"], item["origin"]])
+                if len(samples) == self.batch_size:
+                    yield {"batch": collate(samples), "stream": k, "bad": bad, "lane": lane}
+                    samples, bad = [], []
+            if samples or bad:
+                yield {"batch": collate(samples) if samples else None, "stream": k, "bad": bad, "lane": lane}
