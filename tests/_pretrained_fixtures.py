@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from test_pipeline_fixtures import WIDTH, tiny_clip_dir
+from tiny import WIDTH, tiny_clip_dir
 from transformers import CLIPTextModel, CLIPTokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

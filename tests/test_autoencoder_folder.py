@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from tiny import flip_bits
 
 from autoencoder import AUTOENCODER_PRESETS, TrainableAutoencoder, build_autoencoder
 from autoencoder.folder import CONTRACT_FILE, load_autoencoder, read_latent_contract, save_autoencoder
@@ -73,9 +74,7 @@ def _copy(saved, tmp_path):
 def test_a_flipped_byte_in_the_weights_is_caught(saved, tmp_path):
     folder = _copy(saved, tmp_path)
     weights = next(folder.glob("*.safetensors"))
-    data = bytearray(weights.read_bytes())
-    data[-5] ^= 0x01
-    weights.write_bytes(bytes(data))
+    flip_bits(weights, -5, 0x01)
     with pytest.raises(ValueError, match="does not match the sha256"):
         load_autoencoder(folder)
 

@@ -11,22 +11,18 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny import TINY_OPEN_CLIP
 
 from launch.evaluation.features import FeatureUnavailable, _resolve_openclip, load_openclip
 from launch.evaluation.distances import frechet_distance, kernel_distance, share
 
 ARCH = "TinyCLIP-evaluate-test"
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("openclip")
-    (root / f"{ARCH}.json").write_text(json.dumps(TINY))
+    (root / f"{ARCH}.json").write_text(json.dumps(TINY_OPEN_CLIP))
     open_clip.add_model_config(root / f"{ARCH}.json")
     torch.manual_seed(0)
     model = open_clip.create_model(ARCH)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
-from test_pipeline_fixtures import single_thread  # noqa: F401 (autouse fixture)
 
 from ldm.unet import UNET_PRESETS, UNetConfig, build_unet, unet_denoiser
 

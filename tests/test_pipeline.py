@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_pipeline_fixtures import single_thread, tiny_bert_dir, tiny_pipeline  # noqa: F401 (autouse fixture)
+from tiny import flip_bits, tiny_pipeline
 
 from ldm.manifest import MANIFEST_NAME, PipelineFolderError, PipelineMismatchError
 from ldm.pipeline import LatentDiffusionPipeline
@@ -122,14 +122,12 @@ def test_modified_weights_are_a_fingerprint_mismatch(built, tmp_path):
     flipped = tmp_path / "flipped"
     shutil.copytree(root / "saved", flipped)
     weights = flipped / "unet" / "diffusion_pytorch_model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-10] ^= 0xFF  # one byte inside a tensor: safetensors would load it without complaint
-    weights.write_bytes(bytes(data))
+    flip_bits(weights, -10, 0xFF)  # one byte inside a tensor: safetensors would load it without complaint
     with pytest.raises(PipelineMismatchError, match="fingerprint mismatch.*unet/diffusion_pytorch_model"):
         LatentDiffusionPipeline.from_pretrained(flipped)
 
 
-def test_swapped_text_encoder_is_a_fingerprint_mismatch(built, tmp_path):
+def test_swapped_text_encoder_is_a_fingerprint_mismatch(built, tiny_bert, tmp_path):
     """A different text encoder in the folder is caught by its fingerprint, even when the manifest's
     file list was regenerated to match the swapped files."""
     from text_encoder import FingerprintMismatch
@@ -139,11 +137,10 @@ def test_swapped_text_encoder_is_a_fingerprint_mismatch(built, tmp_path):
     _, root, _ = built
     swapped = tmp_path / "swapped"
     shutil.copytree(root / "saved", swapped)
-    other = tiny_bert_dir(tmp_path)
     for sub in ("text_encoder", "tokenizer"):
         shutil.rmtree(swapped / sub)
         (swapped / sub).mkdir()
-    for f in other.iterdir():
+    for f in tiny_bert.iterdir():
         shutil.copy(f, swapped / ("tokenizer" if "token" in f.name or f.name == "vocab.txt" else "text_encoder") / f.name)
     manifest = json.loads((swapped / MANIFEST_NAME).read_text())
     manifest["files"] = file_digests(swapped)

@@ -1,0 +1,59 @@
+"""Fixtures every test module gets by naming them (pytest finds this file; nothing imports it).
+
+The builders behind them are plain functions in `tiny.py`, for fixtures and scripts that need other
+sizes or their own folders. The session-wide folders are built once and shared: read them, and copy
+one before changing anything in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+
+
+@pytest.fixture(autouse=True, scope="session")
+def single_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine run ~10x faster on one thread than on two
+    (measured: 0.04 s vs 0.5 s per tiny UNet call under load). Restored at the end."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CLIP text encoder folder (``hf:`` spec): character tokens, width 32, 12 positions."""
+    return tiny.tiny_clip_dir(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT text encoder folder (``hf:`` spec): letter WordPieces, width 32, 12 positions."""
+    return tiny.tiny_bert_dir(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def captioned_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 coloured discs and squares at 32 px with their captions: the entry points' training data."""
+    return tiny.make_captioned_folder(tmp_path_factory.mktemp("captioned") / "images")
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoder(tmp_path_factory: pytest.TempPathFactory, captioned_images: Path) -> Path:
+    """A stage-1 folder: the random ``tiny`` autoencoder with statistics measured on ``captioned_images``."""
+    return tiny.tiny_autoencoder_dir(tmp_path_factory.mktemp("tiny_autoencoder") / "vae", captioned_images)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a saved untrained tiny pipeline (``pipe/``, CLIP text encoder) and the stage
+    folders it was composed from (``clip/``, ``vae/``)."""
+    root = tmp_path_factory.mktemp("tiny_pipeline")
+    tiny.tiny_pipeline(root).save_pretrained(root / "pipe")
+    return root
