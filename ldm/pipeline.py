@@ -147,28 +147,9 @@ class LatentDiffusionPipeline:
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def __call__(
-        self,
-        prompts: str | Sequence[str],
-        negative_prompt: str | Sequence[str] | None = None,
-        num_images_per_prompt: int = 1,
-        steps: int = DEFAULT_STEPS,
-        sampler: str | None = None,
-        guidance_scale: float = DEFAULT_GUIDANCE,
-        guidance_rescale: float = 0.0,
-        seed: int = 0,
-        height: int | None = None,
-        width: int | None = None,
-        batch_size: int = 8,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        progress: bool = False,
-    ) -> list[Image.Image]:
-        """Text to images: ``generate`` without the per-image metadata."""
-        items = self.generate(
-            prompts, negative_prompt, num_images_per_prompt, steps, sampler, guidance_scale, guidance_rescale,
-            seed, height, width, batch_size, generator, progress,
-        )  # fmt: skip
-        return [item.image for item in items]
+    def __call__(self, prompts: str | Sequence[str], *args: Any, **kwargs: Any) -> list[Image.Image]:
+        """Text to images: ``generate`` (same arguments) without the per-image metadata."""
+        return [item.image for item in self.generate(prompts, *args, **kwargs)]
 
     @torch.no_grad()
     def generate(
