@@ -153,3 +153,18 @@ def test_console_script_with_a_config_file(model, tmp_path):
     assert done.returncode == 0, done.stderr
     in_process = _run(model_dir, tmp_path / "api", "--prompt", "a face", "--seed", "4")
     assert np.array_equal(_pixels(sorted((tmp_path / "cli").glob("0*.png"))), _pixels(in_process))
+
+
+def test_a_flow_model_samples_with_flow_samplers_and_refuses_the_others(tmp_path, capsys):
+    from ldm.objective import NoiseScheduleConfig
+
+    schedule = NoiseScheduleConfig(prediction_type="flow_prediction", flow_shift=3.0)
+    tiny_pipeline(tmp_path, schedule=schedule).save_pretrained(tmp_path / "flow")
+    base = ("--model", str(tmp_path / "flow"), "--prompt", "x", "--device", "cpu")
+    for sampler in ("ddim", "dpmpp_2m_karras"):  # all four refusals: test_ldm_samplers
+        out = tmp_path / sampler
+        err = _error(capsys, *base, "--out", str(out), "--sampler", sampler)
+        assert "has no flow-matching form in diffusers; a flow_prediction model can use: euler, heun, dpmpp_2m, unipc" in err
+        assert not out.exists()
+    for sampler in ("euler", "dpmpp_2m"):  # every flow sampler vs stock diffusers: test_pipeline_stock
+        assert len(_run(tmp_path / "flow", tmp_path / f"ok-{sampler}", "--prompt", "x", "--sampler", sampler)) == 1

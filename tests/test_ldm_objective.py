@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from ldm.objective import DiffusionConfig, DiffusionObjective, NoiseScheduleConfig
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from ldm.objective import DiffusionConfig, DiffusionObjective, NoiseScheduleConfig, shift_time
 from ldm.samplers import build_sampler
 
 EPS = NoiseScheduleConfig()
@@ -143,3 +145,146 @@ def test_bad_schedules_are_refused():
         NoiseScheduleConfig(beta_schedule="sigmoid")
     with pytest.raises(ValueError, match="min_snr_gamma"):
         DiffusionConfig(min_snr_gamma=0.0)
+
+
+# -- flow matching ------------------------------------------------------------------------------
+
+FLOW = NoiseScheduleConfig(prediction_type="flow_prediction")
+
+
+def test_flow_x0_eps_v_round_trip():
+    obj = DiffusionObjective(DiffusionConfig(FLOW))
+    x0, eps = _draw()
+    t = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.9, 1.0], dtype=torch.float64)
+    x_t = obj.add_noise(x0, eps, t)
+    v = obj.target(x0, eps, t)
+    tt = t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, (1 - tt) * x0 + tt * eps)
+    torch.testing.assert_close(v, eps - x0)
+    torch.testing.assert_close(x_t - tt * v, x0)  # x0 from v
+    torch.testing.assert_close(x_t + (1 - tt) * v, eps)  # eps from v
+    # the same forward process as diffusers' flow-matching scheduler
+    ref = FlowMatchEulerDiscreteScheduler().scale_noise(x0, torch.tensor([500.0]), eps)
+    torch.testing.assert_close(obj.add_noise(x0, eps, torch.full((6,), 0.5, dtype=torch.float64)), ref)
+
+
+def test_flow_validation_pair_at_the_ends_and_in_between():
+    obj = DiffusionObjective(DiffusionConfig(FLOW))
+    x0, eps = _draw(b=2)
+    noisy, ts, target = obj.validation_pair(x0, eps, 0.0)
+    torch.testing.assert_close(noisy, x0)
+    torch.testing.assert_close(target, eps - x0)
+    assert torch.all(ts == 0)
+    noisy, ts, target = obj.validation_pair(x0, eps, 1.0)
+    torch.testing.assert_close(noisy, eps)
+    torch.testing.assert_close(target, eps - x0)
+    assert torch.all(ts == 1000)  # the network sees t * T, as SD3 and diffusers' flow samplers feed it
+    noisy, ts, _ = obj.validation_pair(x0, eps, 250)  # an int is a step: t = 250 / T
+    torch.testing.assert_close(noisy, 0.75 * x0 + 0.25 * eps)
+    assert torch.all(ts == 250.0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        obj.validation_pair(x0, eps, 1.5)
+
+
+def test_discrete_validation_pair_matches_the_old_call_forms():
+    obj = DiffusionObjective(DiffusionConfig(V))
+    x0, eps = _draw(b=2)
+    ts = torch.full((2,), 250, dtype=torch.long)
+    noisy, model_ts, target = obj.validation_pair(x0, eps, 250)
+    torch.testing.assert_close(noisy, obj.scheduler.add_noise(x0, eps, ts))
+    torch.testing.assert_close(target, obj.target(x0, eps, ts))
+    assert torch.equal(model_ts, ts)
+    assert torch.equal(obj.validation_pair(x0, eps, 0.25)[1], ts)  # a float t is round(t * T)
+
+
+def _flow_oracle(obj, x0, x0_error=0.0):
+    """Knows the single data point x0 (off by x0_error); reads t from the timesteps it is fed."""
+
+    def denoise(x_t, model_t, hidden):
+        t = (model_t.double() / obj.num_train_timesteps).view(-1, 1, 1, 1)
+        return ((x_t.double() - (x0 + x0_error)) / t).float()  # v = eps - x0 = (x_t - x0) / t
+
+    return denoise
+
+
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_flow_loss_is_zero_for_a_perfect_model_and_min_snr_weighs_the_x0_error(gamma):
+    cfg = DiffusionConfig(FLOW, min_snr_gamma=gamma, timestep_sampling="logit_normal")
+    obj = DiffusionObjective(cfg)
+    x0, cond = _draw(3)[0], torch.zeros(6, 2, 8)
+    exact, _ = obj.loss(_flow_oracle(obj, x0), x0.float(), cond, torch.Generator().manual_seed(7))
+    assert exact.item() < 1e-8
+    err = 0.01 * _draw(4)[0]
+    loss, _ = obj.loss(_flow_oracle(obj, x0, err), x0.float(), cond, torch.Generator().manual_seed(7))
+    t = obj.sample_timesteps(6, torch.Generator().manual_seed(7), (4, 4)).double()
+    x0_mse = err.pow(2).mean(dim=(1, 2, 3))
+    if gamma is None:
+        expected = (x0_mse / t.pow(2)).mean()  # |v error|^2 = |x0 error|^2 / t^2
+    else:
+        expected = (((1 - t) / t).pow(2).clamp(max=gamma) * x0_mse).mean()  # as for eps and v
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-3, atol=0)
+
+
+def test_logit_normal_and_shifted_timesteps():
+    n = 20000
+    draw = lambda cfg, size=None: DiffusionObjective(cfg).sample_timesteps(n, torch.Generator().manual_seed(0), size)  # noqa: E731
+    t = draw(DiffusionConfig(FLOW, timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.8)).double()
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean().item() - 0.5) < 0.03 and abs(logit.std().item() - 0.8) < 0.03
+    plain = draw(DiffusionConfig(FLOW, timestep_sampling="logit_normal"))
+    shifted = draw(DiffusionConfig(FLOW, timestep_sampling="logit_normal", timestep_shift=3.0))
+    torch.testing.assert_close(shifted, shift_time(plain.double(), 3.0).float())
+    # SD3 eq. 23 divides the SNR by s^2
+    snr = lambda t: ((1 - t) / t).pow(2)  # noqa: E731
+    torch.testing.assert_close(snr(shifted.double()), snr(plain.double()) / 9, rtol=1e-4, atol=0)
+    # without timestep_shift the schedule's (sampling) flow_shift is used
+    default = draw(DiffusionConfig(NoiseScheduleConfig(prediction_type="flow_prediction", flow_shift=3.0),
+                                   timestep_sampling="logit_normal"))  # fmt: skip
+    torch.testing.assert_close(default, shifted)
+    # resolution-dependent: 16x16 latents at base 8 double the shift
+    by_size = draw(DiffusionConfig(FLOW, timestep_sampling="logit_normal", timestep_shift=1.5, shift_base_size=8), (16, 16))
+    torch.testing.assert_close(by_size, draw(DiffusionConfig(FLOW, timestep_sampling="logit_normal", timestep_shift=3.0)))
+    uniform = draw(DiffusionConfig(FLOW))
+    assert 0 <= uniform.min() and uniform.max() < 1 and abs(uniform.mean().item() - 0.5) < 0.01
+
+
+def test_discrete_timestep_sampling_options():
+    n, g = 5000, lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    obj = DiffusionObjective(DiffusionConfig(EPS))
+    assert torch.equal(obj.sample_timesteps(n, g()), torch.randint(0, 1000, (n,), generator=g()))  # as before
+    logit = DiffusionObjective(DiffusionConfig(EPS, timestep_sampling="logit_normal")).sample_timesteps(n, g())
+    assert logit.dtype == torch.long and 0 <= logit.min() and logit.max() <= 999
+    assert abs(logit.float().mean().item() - 500) < 15 and logit.float().std() < 0.9 * 1000 / 12**0.5
+    shifted = DiffusionObjective(DiffusionConfig(EPS, timestep_sampling="logit_normal", timestep_shift=2.0))
+    s = shifted.sample_timesteps(n, g())
+    snr = obj.snr.double()
+    inside = s < 999  # not clamped at the schedule's end
+    assert torch.all(snr[s][inside] <= snr[logit][inside] / 4)  # SNR divided by s^2 ...
+    assert torch.all(snr[(s - 1).clamp(min=0)][inside & (s > 0)] > snr[logit][inside & (s > 0)] / 4)  # ... first such step
+
+
+def test_flow_schedule_refusals():
+    with pytest.raises(ValueError, match="flow_prediction already reaches pure noise"):
+        NoiseScheduleConfig(prediction_type="flow_prediction", zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="only applies to prediction_type='flow_prediction'"):
+        NoiseScheduleConfig(flow_shift=3.0)
+    with pytest.raises(ValueError, match="flow_shift must be a positive number"):
+        NoiseScheduleConfig(prediction_type="flow_prediction", flow_shift=float("nan"))
+    with pytest.raises(ValueError, match="logit_std positive"):
+        DiffusionConfig(timestep_sampling="logit_normal", logit_std=0.0)
+    with pytest.raises(ValueError, match="timestep_shift must be a positive number"):
+        DiffusionConfig(timestep_shift=-1.0)
+    with pytest.raises(ValueError, match="needs the latent size"):
+        DiffusionObjective(DiffusionConfig(FLOW, shift_base_size=8)).sample_timesteps(2, torch.Generator())
+
+
+def test_the_old_validation_call_forms_are_right_for_flow():
+    """launch/ code that calls objective.scheduler.add_noise / objective.target with step 250 and
+    feeds the network that step gets t = 0.25, exactly like validation_pair(..., 250)."""
+    obj = DiffusionObjective(DiffusionConfig(FLOW))
+    x0, eps = _draw(b=2)
+    ts = torch.full((2,), 250, dtype=torch.long)
+    noisy, model_ts, target = obj.validation_pair(x0, eps, 250)
+    torch.testing.assert_close(obj.scheduler.add_noise(x0, eps, ts), noisy)
+    torch.testing.assert_close(obj.target(x0, eps, ts), target)
+    assert torch.equal(model_ts, ts.float())
