@@ -8,7 +8,6 @@ gives torchmetrics' own FID.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -18,24 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _tiny_runs import make_captioned_folder, make_tiny_autoencoder_folder
+from tiny import TINY_OPEN_CLIP, make_captioned_folder, tiny_autoencoder_dir, tiny_pipeline
 
 PROMPT = "a red disc"
 N = 4  # images per guidance scale
 SCALE = 3.0  # the guidance scale the "real" images were made with
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: much faster on one thread
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_inception_state() -> dict[str, torch.Tensor]:
@@ -52,29 +38,12 @@ def random_inception_state() -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in net.state_dict().items()}
 
 
-def tiny_pipeline(root: Path, vae: Path) -> Path:
-    from test_pipeline_fixtures import tiny_clip_dir
-
-    from ldm.objective import NoiseScheduleConfig
-    from ldm.pipeline import LatentDiffusionPipeline
-    from ldm.unet import UNET_PRESETS, build_unet
-    from text_encoder import load_text_encoder
-
-    text_encoder = load_text_encoder(f"hf:{tiny_clip_dir(root)}")
-    unet_cfg = dataclasses.replace(UNET_PRESETS["tiny"], sample_size=16)  # 32 px through the f2 autoencoder
-    torch.manual_seed(0)
-    unet = build_unet(unet_cfg, cross_attention_dim=text_encoder.hidden_size, latent_channels=4).eval()
-    pipe = LatentDiffusionPipeline.from_parts(unet, vae, text_encoder, NoiseScheduleConfig(), unet_config=unet_cfg)
-    pipe.save_pretrained(root / "pipeline")
-    return root / "pipeline"
-
-
 def tiny_openclip_dir(root: Path) -> Path:
     import open_clip
 
     folder = root / "openclip"
     folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
     model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -100,8 +69,9 @@ def generated_as_reals(pipeline: Path, folder: Path) -> Path:
 def stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     images = make_captioned_folder(root / "images", n=8, size=32)
-    vae = make_tiny_autoencoder_folder(root / "vae", images)
-    pipeline = tiny_pipeline(root, vae)
+    vae = tiny_autoencoder_dir(root / "vae", images)
+    pipeline = root / "pipeline"
+    tiny_pipeline(root, vae=vae, sample_size=16).save_pretrained(pipeline)  # 32 px through the f2 autoencoder
     return {"images": images, "vae": vae, "pipeline": pipeline, "openclip": tiny_openclip_dir(root),
             "reals": generated_as_reals(pipeline, root / "reals")}  # fmt: skip
 

@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 from _pretrained_fixtures import COMMIT, flux_vae_dir, hub_cache, sd_pipeline_dir, sd_vae_dir, stock_vae, use_hub_cache
-from _tiny_runs import accelerate_cmd, make_captioned_folder, run
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
-from test_pipeline_fixtures import single_thread  # noqa: F401 (autouse fixture)
+from tiny import make_captioned_folder, run, tiny_pipeline, two_process_command
 
 from autoencoder.folder import load_autoencoder
 from autoencoder.metrics import psnr
@@ -167,20 +166,12 @@ def test_any_autoencoderkl_shape_imports(images, tmp_path):
 def test_imported_folder_composes_a_pipeline_that_stock_diffusers_loads(stock, images, tmp_path):
     """What train_ldm.py --vae OUT/model does with the folder: compose, save, load in stock diffusers."""
     from diffusers import StableDiffusionPipeline
-    from test_pipeline_fixtures import tiny_clip_dir
-    from text_encoder import load_text_encoder
 
-    from ldm.objective import NoiseScheduleConfig
     from ldm.pipeline import LatentDiffusionPipeline
-    from ldm.unet import build_unet
     from launch.import_vae import main
 
     main(import_args(stock["sd"], images, tmp_path / "imported"))
-    te = load_text_encoder(f"hf:{tiny_clip_dir(tmp_path)}")
-    torch.manual_seed(0)
-    unet = build_unet("tiny", te.hidden_size, 4).eval()
-    ours = LatentDiffusionPipeline.from_parts(unet, tmp_path / "imported" / "model", te, NoiseScheduleConfig())
-    ours.save_pretrained(tmp_path / "pipe")
+    tiny_pipeline(tmp_path, vae=tmp_path / "imported" / "model").save_pretrained(tmp_path / "pipe")
     loaded = LatentDiffusionPipeline.from_pretrained(tmp_path / "pipe")
     assert loaded.manifest["autoencoder"]["latent_contract"]["source"]["scaling_factor"] == pytest.approx(0.18215)
     stock_pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
@@ -197,7 +188,7 @@ def test_imported_folder_composes_a_pipeline_that_stock_diffusers_loads(stock, i
 @pytest.mark.slow
 def test_two_processes_measure_over_all_ranks(stock, images, tmp_path):
     out = tmp_path / "ddp"
-    proc = run(accelerate_cmd("launch/import_vae.py") + import_args(stock["sd"], images, out))
+    proc = run(two_process_command("launch/import_vae.py", *import_args(stock["sd"], images, out)))
     report = json.loads((out / "import_report.json").read_text())
     assert report["num_processes"] == 2, "must really run two processes"
     # Each rank encodes its half; the reduced statistics count every image once.
