@@ -238,3 +238,35 @@ def _check_stock_pipeline(source, latent_contract, text_encoder, allow) -> list[
     else:
         warnings.append(f"--init-from {source.spec} has no text_encoder/: the text encoder cannot be checked")
     return warnings
+
+
+@dataclass
+class InitialUNet:
+    """What ``train_ldm.py --init-from`` starts from."""
+
+    unet: UNet2DConditionModel
+    config: UNetConfig  # SRC's architecture in our terms
+    source: UNetSource
+    warnings: list[str]
+
+
+def unet_from_source(spec: str, text_encoder: FrozenTextEncoder, latent_contract: dict[str, Any],
+                     latent_channels: int, sample_size: int, allow_new_autoencoder: bool = False) -> InitialUNet:
+    """Resolve, check (widths first, then stage fingerprints) and load SRC's UNet for a new run.
+
+    ``sample_size`` (this run's resolution in latents) replaces SRC's: it only sets the default
+    image size of the exported pipeline, which a resolution schedule changes on purpose.
+    """
+    source = resolve_unet_source(spec)
+    config = json.loads((source.unet_dir / "config.json").read_text(encoding="utf-8"))
+    check_widths(config, text_encoder.hidden_size, latent_channels, spec)
+    warnings = check_stages(source, latent_contract, text_encoder, allow_new_autoencoder)
+    unet = load_unet(source, text_encoder.hidden_size, latent_channels)
+    unet.register_to_config(sample_size=sample_size)
+    ours = unet_config_from(dict(unet.config))
+    if ours is None:  # the run's config, resume check and manifest describe the UNet by a UNetConfig
+        raise InitFromError(
+            f"--init-from {spec}: its UNet uses features UNetConfig cannot express (block types other than "
+            "(CrossAttn)Down/UpBlock2D, per-level head counts as in SD 2.x, or other non-default options); "
+            "only UNets of that family can be continued for now")
+    return InitialUNet(unet, ours, source, warnings)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,26 @@ def merged_unet(unet: UNet2DConditionModel, scale: float = 1.0) -> UNet2DConditi
     out.unload_lora()
     out.requires_grad_(True)
     return out
+
+
+def unet_without_lora(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A plain copy of the base UNet the adapter sits on (its weights untouched by LoRA training)."""
+    out = copy.deepcopy(unet)
+    out.unload_lora()
+    out.requires_grad_(True)
+    return out
+
+
+def export_lora_run(unet: UNet2DConditionModel, compose: Callable[[UNet2DConditionModel], Any], out_dir: Path,
+                    base: dict[str, Any] | None, merge: bool) -> Path:
+    """A LoRA run's outputs: ``pipeline/`` (the base UNet, for ``ldm-generate --lora``), ``lora/`` (the
+    adapter) and, with ``merge``, ``pipeline_merged/``. ``compose`` turns a plain UNet into a pipeline."""
+    out_dir = Path(out_dir)
+    base_id = compose(unet_without_lora(unet)).save_pretrained(out_dir / "pipeline", overwrite=True)
+    save_lora(unet, out_dir / "lora", base={**(base or {}), "pipeline_manifest_id": base_id}, overwrite=True)
+    if merge:
+        compose(merged_unet(unet)).save_pretrained(out_dir / "pipeline_merged", overwrite=True)
+    return out_dir / "pipeline"
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:

@@ -132,3 +132,97 @@ def test_unet_config_from_reads_back_what_we_build_and_refuses_what_we_cannot_ex
     sd2["attention_head_dim"] = [5, 10, 20, 20]  # SD 2.x: heads per level
     assert unet_config_from(sd2) is None
     assert unet_config_from({**sd2, "attention_head_dim": 8, "upcast_attention": True}) is None
+
+
+# -- train_ldm.py --init-from, end to end ---------------------------------------------------------
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def _train_steps(out) -> list[int]:
+    return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    """import_vae (a stock SD-layout autoencoder) -> train_ldm at 32 px: the run later stages start from."""
+    from _pretrained_fixtures import sd_vae_dir
+
+    from launch.import_vae import main as import_vae
+    from launch.train_ldm import main as train_ldm
+
+    root = tmp_path_factory.mktemp("stages")
+    data32 = make_captioned_folder(root / "d32", n=16, size=32)
+    data64 = make_captioned_folder(root / "d64", n=16, size=64, seed=1)
+    import_vae(["--source", str(sd_vae_dir(root)), "--data", str(data32), "--data.resolution", "32",
+                "--run.output-dir", str(root / "vae"), "--run.num-workers", "0"])
+    common = ["--preset", "tiny", "--vae", str(root / "vae" / "model"), "--text-encoder", f"hf:{tiny_clip_dir(root)}",
+              "--sample-every", "1000", "--val-every", "1000"]
+    train_ldm([*common, "--data", str(data32), "--run.output-dir", str(root / "s32"), "--run.max-steps", "4"])
+    return {"root": root, "common": common, "data64": data64, "src": root / "s32" / "pipeline"}
+
+
+def _continue(stage, out, *extra):
+    from launch.train_ldm import main as train_ldm
+
+    train_ldm([*stage["common"], "--data", str(stage["data64"]), "--data.resolution", "64", "--init-from",
+               str(stage["src"]), "--run.output-dir", str(out), *extra])
+    return out / "pipeline"
+
+
+def test_continue_at_64_px_from_a_32_px_run(stage, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.generate import main as generate
+
+    folder = _continue(stage, tmp_path / "s64", "--run.max-steps", "4")
+    assert "UNet from --init-from" in capsys.readouterr().out
+    assert _train_steps(tmp_path / "s64")[0] == 2, "a fresh --init-from run starts at step 0"
+    manifest = json.loads((folder / "ldm_manifest.json").read_text())
+    source = json.loads((stage["src"] / "ldm_manifest.json").read_text())
+    assert manifest["training"]["init_from_source"]["manifest_id"] == source["manifest_id"]
+    assert manifest["training"]["init_from"] == str(stage["src"])
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    assert unet_config["sample_size"] == 32  # 64 px through the f2 autoencoder
+    assert manifest["unet"]["config"] == {**source["unet"]["config"], "sample_size": 32}
+    generate(["--model", str(folder), "--prompt", "a red disc", "--steps", "2", "--out", str(tmp_path / "img")])
+    from PIL import Image
+
+    (png,) = (tmp_path / "img").glob("*.png")
+    assert Image.open(png).size == (64, 64)
+    stock = StableDiffusionPipeline.from_pretrained(folder)
+    assert stock.unet.config.sample_size * stock.vae_scale_factor == 64
+
+
+def test_init_from_with_lr_0_reproduces_the_source_weights_exactly(stage, tmp_path):
+    folder = _continue(stage, tmp_path / "lr0", "--run.max-steps", "2", "--lr", "0")
+    ours, theirs = _weights(folder), _weights(stage["src"])
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    trained = _weights(_continue(stage, tmp_path / "lr", "--run.max-steps", "2"))
+    assert any(not torch.equal(trained[k], theirs[k]) for k in theirs), "with a learning rate the weights move"
+
+
+def test_resumed_init_from_run_is_bitwise_equal_to_an_uninterrupted_one(stage, tmp_path, capsys):
+    straight = _weights(_continue(stage, tmp_path / "straight", "--run.max-steps", "6", "--run.checkpoint-every", "3"))
+    _continue(stage, tmp_path / "split", "--run.max-steps", "3", "--run.checkpoint-every", "3")
+    capsys.readouterr()
+    split = _weights(_continue(stage, tmp_path / "split", "--run.max-steps", "6", "--run.checkpoint-every", "3"))
+    assert "--init-from" in (out := capsys.readouterr().out) and "was not reapplied" in out
+    assert _train_steps(tmp_path / "split").count(2) == 1, "the rerun resumed at step 3, not 0"
+    assert straight.keys() == split.keys() and all(torch.equal(straight[k], split[k]) for k in straight)
+
+
+def test_train_ldm_refuses_lora_without_init_from_and_a_mismatched_text_encoder(stage, tmp_path):
+    from launch.train_ldm import main as train_ldm
+
+    with pytest.raises(SystemExit, match="--lora-rank adapts existing weights"):
+        train_ldm([*stage["common"], "--data", str(stage["data64"]), "--lora-rank", "2",
+                   "--run.output-dir", str(tmp_path / "x")])
+    common = [a if not a.startswith("hf:") else f"hf:{tiny_bert_dir(tmp_path)}" for a in stage["common"]]
+    with pytest.raises(FingerprintMismatch):
+        train_ldm([*common, "--data", str(stage["data64"]), "--data.resolution", "64", "--init-from",
+                   str(stage["src"]), "--run.output-dir", str(tmp_path / "y")])

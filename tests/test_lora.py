@@ -138,3 +138,51 @@ def test_ldm_generate_applies_lora_at_the_given_scale(saved, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*common, "--lora", str(tmp_path), "--out", str(tmp_path / "bad")])
     assert "no pytorch_lora_weights.safetensors" in capsys.readouterr().err
+
+
+def test_train_ldm_lora_from_a_stock_pipeline_loads_in_stock_diffusers(tmp_path, capsys):
+    """Fine-tune a stock StableDiffusionPipeline folder with --lora-rank: base untouched, adapter exported."""
+    import json
+
+    from _pretrained_fixtures import sd_pipeline_dir
+    from _tiny_runs import make_captioned_folder
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from launch.import_vae import main as import_vae
+    from launch.train_ldm import main as train_ldm
+    from ldm.generate import main as generate
+
+    src = sd_pipeline_dir(tmp_path)
+    data = make_captioned_folder(tmp_path / "data", n=8, size=32)
+    import_vae(["--source", str(src), "--normalization", "source", "--data", str(data), "--data.resolution", "32",
+                "--run.output-dir", str(tmp_path / "vae"), "--run.num-workers", "0"])
+    out = tmp_path / "run"
+    train_ldm(["--preset", "tiny", "--data", str(data), "--vae", str(tmp_path / "vae" / "model"),
+               "--text-encoder", f"hf:{src}", "--init-from", str(src), "--lora-rank", "4", "--lora-merge",
+               "--lr", "0.05", "--run.max-steps", "4", "--sample-every", "1000", "--val-every", "1000",
+               "--run.output-dir", str(out)])
+    log = capsys.readouterr().out
+    assert "LoRA rank 4:" in log and "warning" not in log  # same autoencoder, same normalisation, same text encoder
+
+    base, theirs = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"), \
+        load_file(src / "unet" / "diffusion_pytorch_model.safetensors")
+    assert base.keys() == theirs.keys() and all(torch.equal(base[k], theirs[k]) for k in base), "LoRA leaves the base as it was"
+    adapter = load_file(out / "lora" / LORA_WEIGHTS)
+    assert all(k.startswith("unet.") for k in adapter)
+    up = [v for k, v in adapter.items() if k.endswith("lora.up.weight")]  # diffusers' name for B
+    assert up and any(v.abs().max() > 0 for v in up), "training moved the adapters off zero"
+    manifest = json.loads((out / "lora" / "lora_manifest.json").read_text())
+    assert manifest["base"]["kind"] == "stock_pipeline" and manifest["base"]["pipeline_manifest_id"]
+
+    generate(["--model", str(out / "pipeline"), "--lora", str(out / "lora"), "--prompt", PROMPTS[0], "--steps", "3",
+              "--guidance", "3.0", "--out", str(tmp_path / "ours")])
+    (png,) = (tmp_path / "ours").glob("*.png")
+    stock = StableDiffusionPipeline.from_pretrained(out / "pipeline")
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(out / "lora")
+    image = stock([PROMPTS[0]], height=32, width=32, num_inference_steps=3, guidance_scale=3.0,
+                  generator=[torch.Generator().manual_seed(0)]).images
+    assert max_diff([Image.open(png).convert("RGB")], image) <= 1
+    merged = LatentDiffusionPipeline.from_pretrained(out / "pipeline_merged")
+    assert max_diff(merged([PROMPTS[0]], steps=3, guidance_scale=3.0, seed=0), image) <= 1
