@@ -26,12 +26,14 @@ from launch.training import ldm_stage
 from launch.training.accelerator import make_generators, setup_accelerator
 from launch.training.checkpoint import TrainState
 from launch.training.config import RunConfig
-from launch.training.ema import EMA
+from launch.training.ema import EMA, averaged_copy
 from launch.training.ldm_stage import UNetStep
 from launch.training.optim import GradScalerState, make_lr_schedule
 from launch.training.run import TrainingRun, already_finished
 from ldm.cli import parse_config, to_dict
 from ldm.conditioning import DEFAULT_P_UNCOND
+from ldm.init_from import unet_from_source
+from ldm.lora import LoRAConfig, add_lora, export_lora_run
 from ldm.objective import DIFFUSION_PRESETS, DiffusionConfig, DiffusionObjective
 from ldm.unet import UNET_PRESETS, UNetConfig, build_unet
 from text_encoder import load_text_encoder
@@ -74,6 +76,16 @@ class TrainLDMConfig:
     sample_steps: int = 20
     sampler: str = "dpmpp_2m"
     """The pipeline's default sampler (see ldm-generate --help)."""
+    init_from: str = ""
+    """Start from SRC's UNet: one of our pipeline folders, a stock StableDiffusionPipeline folder, a unet/ folder or hf:ORG/NAME. Its architecture replaces --unet; a fresh run starts at step 0, a rerun resumes from its own checkpoint."""
+    allow_new_autoencoder: bool = False
+    """With --init-from: train SRC's UNet on another autoencoder's latents than the one it learned."""
+    lora_rank: int = 0
+    """With --init-from: train rank-R LoRA adapters on the attention projections instead of the whole UNet (0: full)."""
+    lora_alpha: float | None = None
+    """LoRA scale numerator (updates are alpha/R * B A); None: alpha = R."""
+    lora_merge: bool = False
+    """LoRA runs: also export OUTPUT/pipeline_merged, the adapter folded into a full pipeline."""
 
 
 def _preset(unet: str, **kw) -> TrainLDMConfig:
@@ -103,6 +115,8 @@ def train(cfg: TrainLDMConfig) -> Path:
     run = cfg.run
     acc = setup_accelerator(run)
     out = Path(run.output_dir)
+    if cfg.lora_rank and not cfg.init_from:
+        raise SystemExit("--lora-rank adapts existing weights: give --init-from SRC (a pipeline or unet/ folder)")
     if already_finished(acc, out / "pipeline", run):
         return out / "pipeline"
     # Frozen stages 1 and 2.
@@ -113,14 +127,25 @@ def train(cfg: TrainLDMConfig) -> Path:
     text_encoder = load_text_encoder(cfg.text_encoder, device=acc.device)
     null_hidden = text_encoder.null_embedding().hidden.to(acc.device)  # [1, L, D]
 
-    # The trained stage: a fresh UNet, cross-attention width from the text encoder.
+    # The trained stage: SRC's UNet (--init-from) or a fresh one, cross-attention width from the text encoder.
     torch.manual_seed(run.seed)  # diffusers initialises weights from the global RNG; nothing else uses it
-    unet = build_unet(cfg.unet, text_encoder.hidden_size, contract.latent_channels)
+    init = None
+    if cfg.init_from:
+        init = unet_from_source(cfg.init_from, text_encoder, contract.to_json_dict(), contract.latent_channels,
+                                cfg.unet.sample_size, cfg.allow_new_autoencoder)
+        unet, cfg.unet = init.unet, init.config
+        for warning in init.warnings:
+            acc.print(f"warning: {warning}")
+    else:
+        unet = build_unet(cfg.unet, text_encoder.hidden_size, contract.latent_channels)
+    if cfg.lora_rank:
+        trainable = add_lora(unet, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=run.seed)
+        acc.print(f"LoRA rank {cfg.lora_rank}: {trainable:,} of {sum(p.numel() for p in unet.parameters()):,} parameters train")
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     batches = ldm_stage.Batches(cfg, acc, vae, text_encoder, contract.to_json_dict())
     objective = DiffusionObjective(cfg.diffusion)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                             fused=acc.device.type == "cuda")
     sched = make_lr_schedule(opt, run)
     unet, opt = acc.prepare(unet, opt)
@@ -138,6 +163,9 @@ def train(cfg: TrainLDMConfig) -> Path:
     tr = TrainingRun(acc, run, state, what="stage 3: UNet", config=to_dict(cfg))
     step = UNetStep(acc, unet, objective, opt, batches, null_hidden, cfg.p_uncond, gens, run, tr.guard)
     evaluator = ldm_stage.Evaluator(cfg, acc, vae, text_encoder, objective, out)
+    if init is not None:
+        acc.print(f"--init-from {cfg.init_from} was not reapplied: resumed from this run's own checkpoint" if tr.resumed_from
+                  else f"UNet from --init-from {cfg.init_from} ({init.source.kind}); the EMA starts from these weights")
 
     while tr.running:
         logs, applied = ldm_stage.train_step(step, tr.step)
@@ -157,12 +185,33 @@ def train(cfg: TrainLDMConfig) -> Path:
     if tr.preempted:
         tr.exit_preempted()
 
-    folder = ldm_stage.export(cfg, acc, unet, ema, vae, text_encoder, objective, out, to_dict(cfg))
+    training_config = {**to_dict(cfg), **({"init_from_source": init.source.record()} if init else {})}
+    if cfg.lora_rank:
+        folder = _export_lora(cfg, acc, unet, ema, vae, text_encoder, objective, out, training_config)
+    else:
+        folder = ldm_stage.export(cfg, acc, unet, ema, vae, text_encoder, objective, out, training_config)
     tr.mark_finished(folder)
     if acc.is_main_process:
         ldm_stage.plot(out)
     tr.close()
     return folder
+
+
+def _export_lora(cfg, acc, unet, ema, vae, text_encoder, objective, out: Path, training_config: dict) -> Path:
+    """OUTPUT/lora (the EMA adapter, diffusers' LoRA format), OUTPUT/pipeline (its base UNet), and
+    OUTPUT/pipeline_merged with --lora-merge; written by rank 0."""
+    if acc.is_main_process:
+        final = averaged_copy(acc.unwrap_model(unet, keep_torch_compile=False), ema)
+
+        def compose(plain_unet):
+            pipe = ldm_stage.compose_pipeline(cfg, plain_unet, vae, text_encoder, objective)
+            pipe.training_config = training_config
+            return pipe
+
+        export_lora_run(final, compose, out, base=training_config.get("init_from_source"), merge=cfg.lora_merge)
+        acc.print(f"saved {out / 'lora'} (adapter) and {out / 'pipeline'} (its base)")
+    acc.wait_for_everyone()
+    return out / "pipeline"
 
 
 def main(args: list[str] | None = None) -> None:
