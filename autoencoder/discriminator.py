@@ -22,15 +22,22 @@ from torch import nn
 
 @dataclass(frozen=True)
 class DiscriminatorConfig:
-    channels: int = 64  # width of the first layer; doubles per layer, capped at 8x
-    n_layers: int = 3  # stride-2 layers; the receptive field grows with it (3 -> 70 px)
+    """PatchGAN discriminator (Isola et al. 2017) for the autoencoder's adversarial loss."""
+
+    channels: int = 64
+    """Width of the first layer; doubles per layer, capped at 8x."""
+    n_layers: int = 3
+    """Stride-2 layers; the receptive field grows with it (3 -> 70 px)."""
     norm: Literal["group", "none"] = "group"
+    """Normalisation between layers: GroupNorm, or none."""
     norm_num_groups: int = 32
+    """GroupNorm groups (norm='group'); channels must be a multiple of it."""
     in_channels: int = 3
+    """Image channels (3: RGB)."""
 
     def __post_init__(self) -> None:
-        if self.channels < 1 or self.n_layers < 1:
-            raise ValueError(f"DiscriminatorConfig needs channels >= 1 and n_layers >= 1, got {self}")
+        if self.channels < 1 or self.n_layers < 1 or self.in_channels < 1 or self.norm_num_groups < 1:
+            raise ValueError(f"DiscriminatorConfig needs channels, n_layers, in_channels and norm_num_groups >= 1, got {self}")
         if self.norm not in ("group", "none"):
             raise ValueError(f"DiscriminatorConfig.norm must be 'group' or 'none', got {self.norm!r}")
         if self.norm == "group" and self.channels % self.norm_num_groups:

@@ -18,6 +18,7 @@ synced by DDP); this module has no trainable parameters and is never wrapped by 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,25 +34,39 @@ from autoencoder.perceptual import PerceptualLoss, build_perceptual_loss
 
 @dataclass(frozen=True)
 class AutoencoderLossConfig:
+    """The autoencoder's training loss: reconstruction, KL, optional LPIPS and hinge GAN (LDM's recipe)."""
+
     reconstruction: Literal["l1", "l2"] = "l1"
+    """Pixel reconstruction error: l1, or l2 (what PSNR measures)."""
     kl_weight: float = 1e-6
-    perceptual_weight: float = 0.0  # LPIPS; needs ImageNet trunk weights on disk (perceptual.py)
+    """Weight of the KL term towards N(0, 1) on the posterior."""
+    perceptual_weight: float = 0.0
+    """Weight of LPIPS; needs the ImageNet trunk weights on disk (autoencoder/perceptual.py). 0: off."""
     perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg"
-    perceptual_backbone_file: str | None = None  # default: torchvision's cache under $TORCH_HOME
-    logvar_init: float = 0.0  # initial output log-variance (TrainableAutoencoder)
+    """LPIPS trunk network."""
+    perceptual_backbone_file: str | None = None
+    """Trunk weights file for LPIPS; default: torchvision's cache under $TORCH_HOME."""
+    logvar_init: float = 0.0
+    """Initial learned output log-variance of the reconstruction likelihood."""
     discriminator_weight: float = 0.5
-    discriminator_start_step: int | None = None  # None: the GAN never switches on
+    """Weight of the generator's GAN loss (times the adaptive weight)."""
+    discriminator_start_step: int | None = None
+    """Step at which the GAN switches on; None: never."""
     adaptive_weight_max: float = 1e4
+    """Cap of the adaptive GAN weight (ratio of reconstruction to GAN gradient norms at the last layer)."""
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    """Shape of the PatchGAN discriminator."""
 
     def __post_init__(self) -> None:
         if isinstance(self.discriminator, dict):  # from JSON
             object.__setattr__(self, "discriminator", DiscriminatorConfig(**self.discriminator))
         if self.reconstruction not in ("l1", "l2"):
             raise ValueError(f"AutoencoderLossConfig.reconstruction must be 'l1' or 'l2', got {self.reconstruction!r}")
-        for name in ("kl_weight", "perceptual_weight", "discriminator_weight", "adaptive_weight_max"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"AutoencoderLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("kl_weight", "perceptual_weight", "discriminator_weight", "adaptive_weight_max", "logvar_init"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or (name != "logvar_init" and value < 0):
+                raise ValueError(f"AutoencoderLossConfig.{name} must be a finite number"
+                                 f"{'' if name == 'logvar_init' else ' >= 0'}, got {value}")
         if self.discriminator_start_step is not None and self.discriminator_start_step < 0:
             raise ValueError("AutoencoderLossConfig.discriminator_start_step must be >= 0 or None (never)")
 

@@ -15,6 +15,7 @@ things are ours:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -33,18 +34,21 @@ class AutoencoderConfig:
     """
 
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    """Channels per encoder/decoder block; every block but the last halves the resolution (factor 2^(n-1))."""
     layers_per_block: int = 2
+    """ResNet layers per encoder block (the decoder has one more)."""
     latent_channels: int = 4
+    """Channels of the latent the UNet of stage 3 works on."""
     norm_num_groups: int = 32
-    # Self-attention in the encoder's and decoder's mid block (at the latent resolution).
+    """GroupNorm groups; every entry of block_out_channels must be a multiple of it."""
     mid_block_add_attention: bool = True
+    """Self-attention in the encoder's and decoder's mid block (at the latent resolution)."""
     in_channels: int = 3
-    # Training resolution; diffusers uses it only to pick tile sizes for tiled encode/decode.
+    """Image channels (3: RGB)."""
     sample_size: int = 256
-    # None keeps diffusers' initialisation, where the posterior noise (std ~0.9) swamps the spread
-    # of the posterior means (~0.2) and the decoder first sees mostly noise. A number v starts the
-    # encoder nearly deterministic: logvar = v everywhere (std = exp(v / 2)). Short runs need it.
+    """Training resolution; diffusers uses it only to pick tile sizes for tiled encode/decode."""
     posterior_logvar_init: float | None = None
+    """None: diffusers' initialisation (posterior noise std ~0.9 swamps the means' spread ~0.2). A number v starts the encoder nearly deterministic: logvar = v (std = exp(v / 2)); short runs need it."""
 
     def __post_init__(self) -> None:
         # Tuples survive a JSON round trip as lists; store them as tuples so configs compare equal.
@@ -60,6 +64,8 @@ class AutoencoderConfig:
         for name in ("layers_per_block", "latent_channels", "in_channels", "sample_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AutoencoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.posterior_logvar_init is not None and not math.isfinite(self.posterior_logvar_init):
+            raise ValueError(f"AutoencoderConfig.posterior_logvar_init must be a finite number or None, got {self.posterior_logvar_init}")
         if self.sample_size % self.downsample_factor:
             raise ValueError(
                 f"AutoencoderConfig.sample_size={self.sample_size} is not divisible by the downsampling "

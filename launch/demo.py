@@ -54,6 +54,7 @@ class DemoConfig:
     """Run the whole pipeline on the emoji set: prepare data, train the VAE, train the UNet, generate."""
 
     out: Path = Path("runs/demo")
+    """Folder of everything the demo writes (data, vae/, ldm/, samples)."""
     vae_minutes: float = 0.0
     """Training budget for stage 1; 0 picks 4.5 on a CPU, 30 on a GPU."""
     ldm_minutes: float = 0.0
@@ -61,9 +62,13 @@ class DemoConfig:
     text_encoder: str = "minilm?max_length=24"
     """Emoji captions are short: 24 tokens instead of 77 makes cross-attention ~3x cheaper."""
     sampler: str = "dpmpp_2m"
+    """Sampler of the final samples (see ldm-generate --help)."""
     steps: int = 25
+    """Sampler steps of the final samples."""
     guidance: float = 4.0
+    """Guidance scale of the final samples."""
     seed: int = 0
+    """Seed of the first final sample (image k uses seed + k)."""
 
 
 def _run(cmd: list[str], title: str) -> float:

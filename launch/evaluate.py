@@ -55,12 +55,15 @@ class EvaluateConfig:
     num_images: int = 1000
     """Images per guidance scale (and reals), over all processes."""
     guidance: list[float] = field(default_factory=lambda: [1.0, 3.0, 6.0])
+    """Guidance scales; every metric is reported per scale."""
     sampler: str | None = None
     """None: the pipeline's default sampler."""
     steps: int = 25
+    """Sampler steps per image."""
     seed: int = 0
     """Image k is generated with seed + k at every guidance scale; also seeds KID's subsets."""
     batch_size: int = 16
+    """Images generated (or reconstructed) per batch, per process."""
     resolution: int = 0
     """0: the model's own size (UNet sample size x autoencoder factor, or the autoencoder's sample_size)."""
     inception_weights: str = "auto"
@@ -74,12 +77,17 @@ class EvaluateConfig:
     lpips_weights: str = "auto"
     """Autoencoder mode: LPIPS VGG trunk weights (auto: torchvision's cache, skipped when absent), none, or a file."""
     kid_subsets: int = 100
+    """KID is averaged over this many random subsets (Binkowski et al. 2018)."""
     kid_subset_size: int = 1000
+    """Images per KID subset (capped at the number of images)."""
     grid_images: int = 16
+    """Images per guidance scale shown in the report's grids."""
     allow_pickle_weights: bool = False
     """Allow .bin/.pt/.pth weights other than the published FID Inception file (read with weights_only=True)."""
     out: Path = Path("runs/eval")
+    """Folder for the report, the metrics JSON and the grids."""
     cpu: bool = False
+    """Force the CPU even when a GPU is present."""
 
 
 PRESETS: dict[str, EvaluateConfig] = {

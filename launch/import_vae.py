@@ -55,6 +55,7 @@ class ImportVAEConfig:
     source_config: Path | None = None
     """The diffusers config.json (or its folder) of a single .safetensors source; default: FILE.json or config.json beside it."""
     data: DataConfig = field(default_factory=lambda: DataConfig(resolution=256, missing_caption="empty"))
+    """The images the latent statistics are measured on (--data SPEC is short for --data.source SPEC)."""
     val_data: str = ""
     """--data spec of held-out images for reconstruction PSNR/SSIM; empty: none."""
     val_samples: int = 256
@@ -64,6 +65,7 @@ class ImportVAEConfig:
     normalization: Literal["measured", "source"] = "measured"
     """measured: per-channel mean/std of your data's latents (what train_vae.py folds). source: the source's own scaling_factor/shift_factor, so a UNet trained on the source's latents (a stock SD pipeline's) sees exactly those latents."""
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir=Path("runs/vae"), report_to="none"))
+    """Output folder (the model goes to OUTPUT/model), seed, batch sizes and device options."""
 
 
 def _contract(vae, source: dict[str, Any], stats: LatentStatistics, normalization: str) -> ImportedLatentContract:

@@ -46,10 +46,13 @@ class PrepareDataConfig:
     download_dir: str = "downloads"
     """Where downloaded archives are cached (gitignored)."""
     image_format: Literal["png", "jpeg"] = "png"
+    """How images are stored in the shards: png (lossless) or jpeg."""
     jpeg_quality: int = 95
+    """JPEG quality (image_format jpeg only)."""
     max_side: int = 512
     """Longer-side limit of stored images; larger ones are downscaled, smaller ones kept as they are."""
     samples_per_shard: int = 1000
+    """Samples per .tar shard."""
     shuffle_seed: int | None = 0
     """Write samples of an image folder / datasets source in this seeded random order (None: as stored).
     Shard sources are copied in their order."""

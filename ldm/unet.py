@@ -25,25 +25,31 @@ from ldm.objective import Denoiser
 class UNetConfig:
     """Shape of the latent UNet. The text width and latent channels come from the other stages."""
 
-    # Channels per resolution level; each level after the first halves the spatial size.
     block_out_channels: tuple[int, ...] = (32, 64)
-    # Which levels get transformer blocks (self-attention + cross-attention to the text).
-    # The mid block always has one; levels without attention are plain ResNet blocks.
+    """Channels per resolution level; each level after the first halves the spatial size."""
     attention_levels: tuple[bool, ...] = (True, True)
+    """Which levels get transformer blocks (self- and cross-attention to the text); one flag per level. The mid block always has one; levels without are plain ResNet blocks."""
     layers_per_block: int = 1
-    # Number of attention heads per transformer block. diffusers passes this through its
-    # historically misnamed ``attention_head_dim`` argument (diffusers issue #2011): SD 1.5's
-    # "attention_head_dim": 8 means 8 heads, not 8 channels per head.
+    """ResNet (+ transformer) layers per level on the way down; the way up has one more."""
     num_heads: int = 4
+    """Attention heads per transformer block (diffusers' misnamed ``attention_head_dim``, diffusers issue #2011: SD 1.5's 8 means 8 heads)."""
     transformer_layers_per_block: int = 1
-    # SD 2.x uses Linear instead of 1x1 Conv for the transformer in/out projections; same maths.
+    """Transformer layers inside each attention block."""
     use_linear_projection: bool = False
+    """Linear instead of 1x1 Conv for the transformer in/out projections (SD 2.x); same maths."""
     norm_num_groups: int = 32
-    # Nominal latent side (only informs diffusers' default height/width); set it to
-    # image_size / autoencoder factor.
+    """GroupNorm groups; every entry of block_out_channels must be a multiple of it."""
     sample_size: int = 16
+    """Nominal latent side (only informs diffusers' default height/width); training sets it to resolution / autoencoder factor."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
+        if not self.block_out_channels or any(int(c) < 1 for c in self.block_out_channels):
+            raise ValueError(f"UNetConfig: block_out_channels {self.block_out_channels} must name one or more positive widths.")
+        for name in ("layers_per_block", "num_heads", "transformer_layers_per_block", "norm_num_groups", "sample_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"UNetConfig: {name}={getattr(self, name)} must be at least 1.")
         if len(self.attention_levels) != len(self.block_out_channels):
             raise ValueError(
                 f"UNetConfig: attention_levels has {len(self.attention_levels)} entries but "
@@ -59,6 +65,29 @@ class UNetConfig:
                 raise ValueError(
                     f"UNetConfig: channels {ch} not divisible by num_heads={self.num_heads}."
                 )
+
+    @property
+    def downsample_factor(self) -> int:
+        """How much smaller the lowest level is than the latent: each level after the first halves it."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+def check_resolution(resolution: int, autoencoder_factor: int, unet: UNetConfig) -> int:
+    """The latent side for square images of ``resolution`` pixels; raise if a factor does not divide it.
+
+    The autoencoder divides the side by its factor and the UNet halves the latent once per level
+    after the first; a side either does not divide trains on cropped or interpolated feature maps
+    and its images cannot be sampled at the trained size. Called as soon as the autoencoder is loaded.
+    """
+    step = autoencoder_factor * unet.downsample_factor
+    if resolution % step:
+        lower, upper = resolution // step * step, (resolution // step + 1) * step
+        raise ValueError(
+            f"resolution {resolution} must be a multiple of {step}: the autoencoder downsamples by "
+            f"{autoencoder_factor} and the UNet's {len(unet.block_out_channels)} levels by a further "
+            f"{unet.downsample_factor}. Use --data.resolution {lower if lower else upper} or {upper}."
+        )
+    return resolution // autoencoder_factor
 
 
 UNET_PRESETS: dict[str, UNetConfig] = {
