@@ -172,9 +172,7 @@ class Evaluator:
             total = 0.0
             for lat, hid in zip(self.latents.split(self.batch_size), self.hidden.split(self.batch_size)):
                 noise = torch.randn(lat.shape, generator=g).to(lat.device)
-                ts = torch.full((len(lat),), t, device=lat.device, dtype=torch.long)
-                noisy = self.objective.scheduler.add_noise(lat, noise, ts)
-                target = self.objective.target(lat, noise, ts)
+                noisy, ts, target = self.objective.validation_pair(lat, noise, t)  # eps, v and flow alike
                 total += (denoise(noisy, ts, hid) - target).pow(2).mean().item() * len(lat)
             out[f"val_loss_t{t}"] = total / len(self.latents)
         out["val_loss"] = sum(out.values()) / len(VAL_TIMESTEPS)
