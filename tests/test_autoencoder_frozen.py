@@ -17,11 +17,14 @@ def vae():
 
 def test_fp32_posterior_equals_autoencoderkl_encode(vae) -> None:
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    frozen = FrozenEncoder(vae)
+    frozen = FrozenEncoder(vae, channels_last=False)
     ours = frozen.encode(x).latent_dist
     with torch.no_grad():
         stock = vae.encode(x).latent_dist
     assert torch.equal(ours.mean, stock.mean) and torch.equal(ours.std, stock.std)
+    fast = FrozenEncoder(vae).encode(x).latent_dist  # channels-last: the same up to float32 rounding
+    torch.testing.assert_close(fast.mean, stock.mean, rtol=1e-5, atol=1e-5)
+    assert fast.parameters.is_contiguous()  # moments [B, 2C, h, w] back in the usual layout
     a = ours.sample(torch.Generator().manual_seed(2))
     b = stock.sample(torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not a.is_inference()  # a UNet's autograd graph may save it
