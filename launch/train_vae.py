@@ -11,6 +11,7 @@ zero mean and unit variance per channel (``latent_contract.json`` records the st
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from data import DataConfig, build_loader
 from launch.training import vae_stage
 from launch.training.accelerator import make_generators, setup_accelerator
 from launch.training.checkpoint import TrainState
-from launch.training.config import RunConfig
+from launch.training.config import RunConfig, below, optimizer_problems
 from launch.training.ema import EMA
 from launch.training.optim import GradScalerState, make_lr_schedule
 from launch.training.run import TrainingRun, already_finished
@@ -40,20 +41,42 @@ class TrainVAEConfig:
     """Train a KL autoencoder (stage 1) on captioned or uncaptioned images."""
 
     data: DataConfig = field(default_factory=lambda: DataConfig(resolution=64, missing_caption="empty"))
+    """The training images (--data SPEC is short for --data.source SPEC); captions are not needed."""
     val_data: str = ""
     """--data spec of a held-out set for PSNR/SSIM and reconstruction grids; empty: none."""
     model: AutoencoderConfig = field(default_factory=lambda: AUTOENCODER_PRESETS["small"])
+    """Shape of the autoencoder (its block count sets the downsampling factor)."""
     loss: AutoencoderLossConfig = field(default_factory=lambda: AUTOENCODER_LOSS_PRESETS["small"])
+    """Reconstruction, KL, LPIPS and GAN terms."""
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir=Path("runs/vae")))
+    """Steps, batch, precision, checkpoints, logging: what every training run shares."""
     lr: float = 1e-3
+    """Peak AdamW learning rate of the autoencoder (after warmup)."""
     disc_lr: float = 2e-4
+    """Peak AdamW learning rate of the discriminator (its warmup starts when the GAN switches on)."""
     adam_betas: tuple[float, float] = (0.5, 0.9)
+    """AdamW's (beta1, beta2), for both optimizers."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay of the autoencoder."""
     val_every: int = 250
     """Validation (PSNR, SSIM, reconstruction grid) every this many steps, and at the end."""
     val_samples: int = 256
+    """Held-out images validated (the first ones of --val-data)."""
     stats_samples: int = 4096
     """Images used to measure the per-channel latent statistics at the end (0: all)."""
+
+    def __post_init__(self) -> None:
+        # Every field checked at parse time, the resolution against the model's downsampling factor too.
+        problems = optimizer_problems(self.lr, self.adam_betas, self.weight_decay)
+        if not (math.isfinite(self.disc_lr) and self.disc_lr > 0):
+            problems.append(f"disc_lr={self.disc_lr} must be a positive number")
+        problems += below(self, 1, "val_every", "val_samples") + below(self, 0, "stats_samples")
+        factor = self.model.downsample_factor
+        if self.data.resolution % factor:
+            problems.append(f"data.resolution={self.data.resolution} must be a multiple of the autoencoder's "
+                            f"downsampling factor {factor} ({len(self.model.block_out_channels)} blocks)")
+        if problems:
+            raise ValueError("Invalid train_vae options: " + "; ".join(problems) + ".")
 
 
 def _preset(name: str, data_res: int, **kw) -> TrainVAEConfig:

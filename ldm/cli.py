@@ -195,7 +195,12 @@ def parse_config(
     else:
         default = cls()
     if config_path:
-        default = merge_into(default, load_config_file(config_path), where=str(config_path))
+        try:
+            default = merge_into(default, load_config_file(config_path), where=str(config_path))
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:  # a field's __post_init__ refused a value from the file
+            raise ConfigError(f"--config {config_path}: {e}") from e
 
     import tyro
 

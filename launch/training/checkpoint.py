@@ -236,7 +236,7 @@ class CheckpointManager:
 
         Any damage is a ``CheckpointError``: a missing, non-UTF-8, non-JSON or mis-shaped manifest,
         a listed file missing or altered, a listing without ``state.json``. A checkpoint verified
-        once in this process (same manifest mtime) is not hashed again.
+        once in this process is not hashed again while no file's size or mtime changed.
         """
         path = Path(path)
         manifest_path = path / "manifest.json"

@@ -1,7 +1,11 @@
-"""``RunConfig``: the options every training run shares (``--run.*`` on both training commands)."""
+"""``RunConfig``: the options every training run shares (``--run.*`` on both training commands).
+
+Every field is checked when the config is built (``__post_init__``), so a bad value stops the
+command before anything is loaded, never inside the training loop."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -55,3 +59,51 @@ class RunConfig:
     """Stop (checkpoint + final export) after this much training time in total; 0 means no limit."""
     crash_after_step: int = 0
     """Fault injection for resume tests: rank 0 SIGKILLs itself right after this step (0: never)."""
+    allow_changes: tuple[str, ...] = ()
+    """On resume, accept these changed fields (dotted name such as run.batch_size, last part such as lr, or all); recorded in config_history.jsonl."""
+
+    def __post_init__(self) -> None:
+        problems = run_config_problems(self)
+        if problems:
+            raise ValueError("Invalid --run options: " + "; ".join(problems) + ".")
+
+
+def run_config_problems(run: RunConfig) -> list[str]:
+    """Every out-of-range field of ``run``, as a fragment that says what is allowed."""
+    out = [f"{name}={getattr(run, name)} must be at least {low}" for name, low in _INT_MINIMUMS.items()
+           if not isinstance(getattr(run, name), int) or getattr(run, name) < low]
+    for name in ("max_grad_norm", "max_train_minutes"):
+        value = getattr(run, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            out.append(f"{name}={value} must be a finite number >= 0 (0: off)")
+    if not (isinstance(run.ema_decay, (int, float)) and 0.0 <= run.ema_decay < 1.0):
+        out.append(f"ema_decay={run.ema_decay} must be in [0, 1) (0: no EMA)")
+    for name, allowed in (("mixed_precision", ("no", "fp16", "bf16")), ("lr_schedule", ("constant", "cosine", "linear")),
+                          ("report_to", ("tensorboard", "wandb", "none"))):
+        if getattr(run, name) not in allowed:
+            out.append(f"{name}={getattr(run, name)!r} must be one of {', '.join(allowed)}")
+    return out
+
+
+_INT_MINIMUMS = {
+    "max_steps": 1, "batch_size": 1, "grad_accum_steps": 1, "warmup_steps": 0, "checkpoint_every": 1, "keep_last": 1,
+    "log_every": 1, "max_skipped_steps": 0, "skip_window": 1, "num_workers": 0, "eval_batch_size": 1,
+    "process_group_timeout_s": 1, "crash_after_step": 0,
+}
+
+
+def optimizer_problems(lr: float, adam_betas: tuple[float, ...], weight_decay: float) -> list[str]:
+    """Out-of-range AdamW settings of a training command, as fragments that say what is allowed."""
+    out = []
+    if not (math.isfinite(lr) and lr > 0):
+        out.append(f"lr={lr} must be a positive number")
+    if len(adam_betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in adam_betas):
+        out.append(f"adam_betas={tuple(adam_betas)} must be two numbers in [0, 1)")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        out.append(f"weight_decay={weight_decay} must be a finite number >= 0")
+    return out
+
+
+def below(obj: object, low: int, *names: str) -> list[str]:
+    """``name=value must be at least low`` for each named integer field of ``obj`` under ``low``."""
+    return [f"{n}={getattr(obj, n)} must be at least {low}" for n in names if getattr(obj, n) < low]

@@ -4,7 +4,7 @@ Both training scripts build their models and a ``TrainState``, hand it to a ``Tr
 call it explicitly, top to bottom (EDM2's ``training_loop.py`` reads this way; there are no
 callbacks)::
 
-    tr = TrainingRun(acc, cfg.run, state, what="stage 3: UNet", config=to_dict(cfg))
+    tr = TrainingRun(acc, cfg.run, state, what="stage 3: UNet", config=to_dict(cfg), stages={...})
     while tr.running:
         logs, applied = train_step(..., tr.guard, tr.step)
         ...                                   # the stage's own lines: schedules, EMA
@@ -18,7 +18,10 @@ callbacks)::
     ...                                       # export
     tr.close()
 
-It owns: the resume banner, the step guard (non-finite skips, preemption, the time budget), the
+On resume it first compares the rerun's config and stage fingerprints with the ones saved in the
+checkpoint (``resume_check``: refused, applied and logged, or applied only with
+``--run.allow-changes``), before any weight is loaded; ``config.json`` is written on a fresh start
+only, later accepted changes go to ``config_history.jsonl``. It owns: the resume banner, the step guard (non-finite skips, preemption, the time budget), the
 training clock carried over resumes, the metrics logger and progress bar, the cadence of logging
 and checkpoints, fault injection for the resume tests, and the end of the run.
 """
@@ -37,9 +40,11 @@ import torch
 
 from foundation import write_json_atomic
 from launch.training.accelerator import check_ranks_in_sync
-from launch.training.checkpoint import CheckpointManager, TrainState
+from launch.training.checkpoint import CheckpointError, CheckpointManager, TrainState
 from launch.training.config import RunConfig
 from launch.training.guard import PreemptionFlag, StepGuard
+from launch.training.resume_check import (ResumeDecision, ResumeRefused, append_history, check_record, normalise,
+                                          remember_hyperparameters, restore_hyperparameters)
 from launch.training.tracking import MetricsLogger, accumulate_logs, progress_bar, reduce_logs
 
 FINISHED_MARKER = "finished.json"
@@ -48,15 +53,16 @@ FINISHED_MARKER = "finished.json"
 class TrainingRun:
     """Resume, guard, clock, logging, progress, cadence, checkpoints and the end of one run."""
 
-    def __init__(self, accelerator, run: RunConfig, state: TrainState, *, what: str, config: dict[str, Any]):
+    def __init__(self, accelerator, run: RunConfig, state: TrainState, *, what: str, config: dict[str, Any],
+                 stages: dict[str, Any] | None = None):
+        """``config``: the resolved config (``to_dict(cfg)``); ``stages``: {name: JSON-ready fingerprint}
+        of what the checkpoint's meaning depends on besides the config (frozen stages, model shape)."""
         self.acc, self.cfg, self.state, self.what = accelerator, run, state, what
         self.out = Path(run.output_dir)
-        if accelerator.is_main_process:
-            write_json_atomic(self.out / "config.json", config)
         state.counters.setdefault("train_seconds", 0)
         state.counters.setdefault("skipped", 0)
-        self.checkpoints = CheckpointManager(self.out / "checkpoints", accelerator, keep_last=run.keep_last)
-        self.resumed_from = self.checkpoints.resume(state)
+        self.checkpoints, path, decision = _plan_resume(accelerator, run, config, stages)
+        self.resumed_from = self._resume(path, decision, state, config)
         accelerator.print(f"resumed from {self.resumed_from} at step {state.step}" if self.resumed_from
                           else f"fresh run -> {self.out}")
         self.guard = StepGuard(accelerator, run, PreemptionFlag())
@@ -68,6 +74,24 @@ class TrainingRun:
         self._sums: dict[str, torch.Tensor] = {}
         self._t_start, self._step0 = time.time(), state.step
         self._t0 = self._t_start - state.counters["train_seconds"]  # training time carries over a resume
+
+    def _resume(self, path: Path | None, decision: ResumeDecision, state: TrainState, config: dict[str, Any]) -> Path | None:
+        """Fresh run: write config.json. Resume: load ``path``, keep the new hyperparameters, log the changes."""
+        if path is None:
+            if self.acc.is_main_process:
+                write_json_atomic(self.out / "config.json", config)
+            return None
+        remembered = remember_hyperparameters(state.optimizers)
+        try:
+            self.checkpoints.load(path, state)
+        except CheckpointError as e:
+            _refuse(self.acc, str(e))
+        restore_hyperparameters(state.optimizers, state.shared.values(), remembered)
+        for change in decision.applied:
+            self.acc.print(f"changed since {path.name}: {change.describe()}")
+        if self.acc.is_main_process:
+            append_history(self.out, state.step, path.name, decision)
+        return path
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -153,6 +177,49 @@ class TrainingRun:
         self.acc.end_training()  # tear gloo/NCCL down now: left to interpreter exit it can abort a rank
 
 
+def check_resume(accelerator, run: RunConfig, *, config: dict[str, Any], stages: dict[str, Any] | None = None) -> None:
+    """The resume check alone, to call before anything costly or stateful (a latent cache) is set up.
+
+    ``TrainingRun`` repeats it (without hashing the checkpoint again); this only refuses earlier.
+    """
+    _plan_resume(accelerator, run, config, stages)
+
+
+def _plan_resume(accelerator, run: RunConfig, config: dict[str, Any], stages: dict[str, Any] | None):
+    """(manager with this run's record set, newest good checkpoint or None, decision); refuses with ``ResumeRefused``."""
+    out = Path(run.output_dir)
+    current = {"config": normalise(config), "stages": normalise(stages or {})}
+    checkpoints = CheckpointManager(out / "checkpoints", accelerator, keep_last=run.keep_last)
+    checkpoints.record = current
+    try:
+        path = checkpoints.latest_valid()
+        for reason in checkpoints.skipped:
+            accelerator.print(f"skipping damaged checkpoint: {reason}")
+        if path is None:
+            return checkpoints, None, ResumeDecision()
+        recorded = checkpoints.read_record(path)
+    except CheckpointError as e:
+        _refuse(accelerator, str(e))
+    if recorded is None:  # a checkpoint from before records existed: config.json is the best witness
+        try:
+            recorded = {"config": json.loads((out / "config.json").read_text(encoding="utf-8")), "stages": {}}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            recorded = None
+    try:
+        decision, warnings = check_record(recorded, current, run.allow_changes, out, path.name)
+    except ResumeRefused as e:
+        _refuse(accelerator, e.message)
+    for warning in warnings:
+        accelerator.print(f"warning: {warning}")
+    return checkpoints, path, decision
+
+
+def _refuse(accelerator, message: str) -> NoReturn:
+    """End the process group, then exit 1 with ``message`` (no traceback: it is the user's to act on)."""
+    accelerator.end_training()
+    raise ResumeRefused(message)
+
+
 def mark_finished(folder: Path, step: int, train_seconds: float) -> None:
     """Written last into a run's exported model: its presence means the export is complete."""
     write_json_atomic(Path(folder) / FINISHED_MARKER, {"step": step, "train_seconds": train_seconds})
@@ -166,10 +233,14 @@ def run_finished(folder: Path, run: RunConfig) -> bool:
     marker = Path(folder) / FINISHED_MARKER
     if not marker.is_file():
         return False
-    done = json.loads(marker.read_text(encoding="utf-8"))
-    if done["step"] >= run.max_steps:
+    try:
+        done = json.loads(marker.read_text(encoding="utf-8"))
+        step, seconds = int(done["step"]), float(done["train_seconds"])
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError):
+        return False  # a damaged marker proves nothing: resume, which exports again
+    if step >= run.max_steps:
         return True
-    return run.max_train_minutes > 0 and done["train_seconds"] >= run.max_train_minutes * 60
+    return run.max_train_minutes > 0 and seconds >= run.max_train_minutes * 60
 
 
 def already_finished(accelerator, folder: Path, run: RunConfig) -> bool:

@@ -1,0 +1,237 @@
+"""A rerun in a run's folder is compared with the run's own record before any weight is loaded.
+
+Refused: another autoencoder (same shape or not), text encoder, model shape, objective or data.
+Applied and logged: steps, cadence, workers. Refused unless --run.allow-changes names them, then
+applied and recorded in config_history.jsonl: lr, batch size. config.json keeps the first config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from launch.training.resume_check import ResumeDecision, compare, kind_of
+
+# -- classification ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, old, new, kind", [
+    ("run.max_steps", 8, 16, "live"),
+    ("run.checkpoint_every", 4, 2, "live"),
+    ("run.num_workers", 0, 2, "live"),
+    ("vae", "a/model", "b/model", "live"),  # the path: its fingerprint decides
+    ("lr", 1e-4, 2e-4, "override"),
+    ("run.batch_size", 4, 8, "override"),
+    ("run.ema_decay", 0.99, 0.999, "override"),
+    ("run.ema_decay", 0.0, 0.999, "refused"),
+    ("unet.block_out_channels", [16, 32], [32, 64], "refused"),
+    ("data.source", "a", "b", "refused"),
+    ("data.cache_dir", None, "x", "live"),
+    ("data.max_bad_fraction", 0.05, 0.1, "override"),
+    ("diffusion.schedule.prediction_type", "epsilon", "v_prediction", "refused"),
+    ("stages.autoencoder.latent_channels", 4, 8, "refused"),
+    ("stages.text_encoder.weights_sha256", "a", "b", "refused"),
+    ("stages.text_encoder.source", "minilm", "/moved/minilm", "live"),
+    ("model.latent_channels", 4, 8, "refused"),
+    ("cache_latents", False, True, "refused"),
+])
+def test_each_kind_of_change(key, old, new, kind):
+    assert kind_of(key, old, new) == kind
+
+
+def test_allow_changes_matches_dotted_names_last_parts_or_all():
+    old = {"config": {"lr": 1e-4, "run": {"batch_size": 4, "max_steps": 8}}, "stages": {}}
+    new = {"config": {"lr": 2e-4, "run": {"batch_size": 8, "max_steps": 16}}, "stages": {}}
+    assert {c.key for c in compare(old, new).needs_override} == {"lr", "run.batch_size"}
+    assert {c.key for c in compare(old, new, ["lr", "batch_size"]).needs_override} == set()
+    assert {c.key for c in compare(old, new, ["run.batch_size"]).needs_override} == {"lr"}
+    assert compare(old, new, ["all"]).needs_override == []
+    assert {c.key for c in compare(old, new, ["all"]).applied} == {"lr", "run.batch_size", "run.max_steps"}
+
+
+def test_refused_changes_cannot_be_allowed_and_the_message_names_old_and_new():
+    old = {"config": {"unet": {"layers_per_block": 1}}, "stages": {"autoencoder": {"latent_channels": 4}}}
+    new = {"config": {"unet": {"layers_per_block": 2}}, "stages": {"autoencoder": {"latent_channels": 8}}}
+    decision = compare(old, new, ["all"])
+    message = decision.problem("runs/x", "step_00000004")
+    assert "unet.layers_per_block: 1 -> 2" in message and "stages.autoencoder.latent_channels: 4 -> 8" in message
+    assert "--run.allow-changes" not in message
+    assert ResumeDecision().problem("runs/x", "step_1") is None
+
+
+# -- end to end: stage 3 ---------------------------------------------------------------------------
+
+
+def autoencoder_dir(folder, images, seed: int, **changes):
+    """A stage-1 folder like the session's ``tiny_autoencoder`` but with other weights or shape."""
+    from autoencoder import AUTOENCODER_PRESETS, build_autoencoder, save_autoencoder
+    from autoencoder.latents import LatentStatistics, fold_latent_statistics
+
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(AUTOENCODER_PRESETS["tiny"], **changes)
+    vae = build_autoencoder(cfg).eval()
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(images.glob("*.png"))])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    stats = LatentStatistics(cfg.latent_channels)
+    with torch.no_grad():
+        stats.update_from_posterior(vae.encode(x).latent_dist, generator=torch.Generator().manual_seed(0))
+    save_autoencoder(vae, fold_latent_statistics(vae, stats, cfg), folder)
+    return folder
+
+
+def ldm_args(images, vae, out, *extra):
+    return ["--preset", "tiny", "--data.source", str(images), "--vae", str(vae), "--text-encoder", "minilm",
+            "--run.output-dir", str(out), "--sample-every", "100", "--val-every", "100", *extra]
+
+
+@pytest.fixture(scope="module")
+def ldm_run(tmp_path_factory, captioned_images, tiny_autoencoder):
+    """A stage-3 run stopped at step 4 (read only: copy it with ``fork``)."""
+    from launch.train_ldm import main
+
+    out = tmp_path_factory.mktemp("ldm_run") / "run"
+    main(ldm_args(captioned_images, tiny_autoencoder, out, "--run.max-steps", "4"))
+    return out
+
+
+def fork(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def checkpoint_names(run):
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def refused(main, args) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code not in (0, None)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("other_vae", "stages.autoencoder.weights_sha256"),
+    ("wide_vae", "stages.autoencoder.latent_channels: 4 -> 8"),
+    ("text_encoder", "stages.text_encoder.max_length: 77 -> 16"),
+    ("unet", "unet.block_out_channels: [16, 32] -> [16, 48]"),
+    ("objective", 'diffusion.schedule.prediction_type: "epsilon" -> "v_prediction"'),
+    ("data", "data.flip: false -> true"),
+    ("cache", "cache_latents: false -> true"),
+])
+def test_a_change_that_makes_the_checkpoint_meaningless_is_refused_before_loading(
+        ldm_run, captioned_images, tiny_autoencoder, tmp_path, change, expected):
+    from launch.train_ldm import main
+
+    run = fork(ldm_run, tmp_path)
+    vae, extra = tiny_autoencoder, []
+    if change == "other_vae":
+        vae = autoencoder_dir(tmp_path / "other_vae", captioned_images, seed=1)
+    elif change == "wide_vae":
+        vae = autoencoder_dir(tmp_path / "wide_vae", captioned_images, seed=0, latent_channels=8)
+    elif change == "text_encoder":
+        extra = ["--text-encoder", "minilm?max_length=16"]
+    elif change == "unet":
+        extra = ["--unet.block-out-channels", "16", "48"]
+    elif change == "objective":
+        extra = ["--diffusion.schedule.prediction-type", "v_prediction"]
+    elif change == "data":
+        extra = ["--data.flip"]
+    elif change == "cache":
+        extra = ["--cache-latents"]
+    config_before = (run / "config.json").read_bytes()
+    message = refused(main, ldm_args(captioned_images, vae, run, "--run.max-steps", "8", *extra))
+    assert expected in message, message
+    assert "no flag overrides them" in message and "size mismatch" not in message
+    assert (run / "config.json").read_bytes() == config_before, "config.json must keep naming the run's own stages"
+    assert checkpoint_names(run) == checkpoint_names(ldm_run)
+    assert not (run / "cache").exists(), "refused before the latent cache was touched"
+
+
+def test_lr_and_batch_size_need_allow_changes_then_are_applied_and_recorded(
+        ldm_run, captioned_images, tiny_autoencoder, tmp_path):
+    from launch.train_ldm import main
+
+    run = fork(ldm_run, tmp_path)
+    changed = ldm_args(captioned_images, tiny_autoencoder, run, "--run.max-steps", "6", "--lr", "0.001",
+                       "--run.batch-size", "2", "--run.log-every", "1")
+    message = refused(main, changed)
+    assert "--run.allow-changes lr run.batch_size" in message and "lr: 0.0002 -> 0.001" in message
+    assert "run.batch_size: 4 -> 2" in message
+
+    main(changed + ["--run.allow-changes", "lr", "batch_size"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    after = [r for r in rows if r["kind"] == "train" and r["step"] > 4]
+    assert [r["step"] for r in after] == [5, 6]
+    assert all(r["lr"] == pytest.approx(1e-3) for r in after), "the accepted --lr must be the one trained with"
+    history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["step"] == 4 and history[-1]["resumed_from"] == "step_00000004"
+    assert history[-1]["changes"]["lr"] == {"old": 0.0002, "new": 0.001, "kind": "override"}
+    assert history[-1]["changes"]["run.max_steps"]["kind"] == "live"
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.0002, "config.json keeps the run's first config"
+    recorded = json.loads((run / "checkpoints" / "step_00000006" / "run.json").read_text())
+    assert recorded["config"]["lr"] == 0.001  # the next resume compares with what was trained last
+
+
+def test_live_changes_are_applied_and_the_export_clears_a_killed_exports_leftovers(
+        ldm_run, captioned_images, tiny_autoencoder, tmp_path, capsys):
+    from launch.train_ldm import main
+
+    run = fork(ldm_run, tmp_path)
+    leftover = run / ".pipeline.tmp-deadbeef"  # what a kill during the pipeline export leaves
+    (leftover / "unet").mkdir(parents=True)
+    (leftover / "unet" / "config.json").write_text("{}")
+    main(ldm_args(captioned_images, tiny_autoencoder, run, "--run.max-steps", "6", "--run.checkpoint-every", "1",
+                  "--run.keep-last", "3"))
+    out = capsys.readouterr().out
+    assert "changed since step_00000004: run.max_steps: 4 -> 6" in out
+    assert "run.checkpoint_every: 4 -> 1" in out
+    assert checkpoint_names(run) == ["step_00000004", "step_00000005", "step_00000006"]
+    assert not leftover.exists() and (run / "pipeline" / "finished.json").is_file()
+
+
+def test_every_checkpoint_damaged_stops_with_what_to_do(ldm_run, captioned_images, tiny_autoencoder, tmp_path):
+    from launch.train_ldm import main
+
+    run = fork(ldm_run, tmp_path)
+    for folder in (run / "checkpoints").iterdir():
+        (folder / "manifest.json").write_bytes(b"\xff\xfe not json")
+    message = refused(main, ldm_args(captioned_images, tiny_autoencoder, run, "--run.max-steps", "8"))
+    assert "every checkpoint" in message and "move that folder away" in message
+    assert checkpoint_names(run) == checkpoint_names(ldm_run), "nothing may be written over a damaged run"
+
+
+def test_a_resolution_the_factors_do_not_divide_is_refused_before_training(
+        captioned_images, tiny_autoencoder, tmp_path):
+    from launch.train_ldm import main
+
+    # tiny autoencoder: factor 2; tiny UNet: 2 levels, a further 2 -> multiples of 4.
+    message = refused(main, ldm_args(captioned_images, tiny_autoencoder, tmp_path / "run", "--data.resolution", "34"))
+    assert "resolution 34 must be a multiple of 4" in message and "--data.resolution 32 or 36" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# -- end to end: stage 1 ---------------------------------------------------------------------------
+
+
+def test_autoencoder_run_refuses_another_shape_and_needs_the_flag_for_batch_size(captioned_images, tmp_path):
+    from launch.train_vae import main
+
+    run = tmp_path / "vae"
+    args = ["--preset", "tiny", "--data.source", str(captioned_images), "--run.output-dir", str(run)]
+    main(args + ["--run.max-steps", "4"])
+    message = refused(main, args + ["--run.max-steps", "6", "--model.latent-channels", "8"])
+    assert "model.latent_channels: 4 -> 8" in message and "size mismatch" not in message
+    message = refused(main, args + ["--run.max-steps", "6", "--run.batch-size", "2"])
+    assert "--run.allow-changes run.batch_size" in message
+    main(args + ["--run.max-steps", "6", "--run.batch-size", "2", "--run.allow-changes", "run.batch_size"])
+    history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["changes"]["run.batch_size"] == {"old": 4, "new": 2, "kind": "override"}
+    assert (run / "model" / "finished.json").is_file()
