@@ -7,17 +7,14 @@ import json
 import pytest
 import torch
 
-from _tiny_runs import accelerate_cmd, make_captioned_folder, make_tiny_autoencoder_folder, run, sha256
+from tiny import run, sha256, two_process_command
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ldm")
-    images = make_captioned_folder(root / "images", n=24, size=32)
-    vae = make_tiny_autoencoder_folder(root / "vae", images)
-    return images, vae
+def stages(captioned_images, tiny_autoencoder):
+    return captioned_images, tiny_autoencoder
 
 
 def tiny_args(stages, out, *extra):
@@ -63,9 +60,9 @@ def test_resume_equals_straight_run_and_stages_stay_frozen(stages, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_cached_sigkill_then_resume_is_bitwise_equal(stages, tmp_path):
-    args = lambda out, *x: accelerate_cmd("launch/train_ldm.py") + tiny_args(
+    args = lambda out, *x: two_process_command("launch/train_ldm.py", *tiny_args(
         stages, out, "--cache-latents", "--cache-text", "--run.max-steps", "8", "--run.checkpoint-every", "3",
-        "--run.lr-schedule", "cosine", *x)
+        "--run.lr-schedule", "cosine", *x))
     straight = run(args(tmp_path / "straight"))
     assert "weights identical on all 2 processes" in straight.stderr
     crashed = run(args(tmp_path / "crash", "--run.crash-after-step", "5"), check=False)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from _tiny_runs import accelerate_cmd, make_captioned_folder, run, sha256
+from tiny import run, sha256, two_process_command
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -17,19 +16,14 @@ def tiny_args(data, out, *extra):
             "--run.output-dir", str(out), *extra]
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_captioned_folder(tmp_path_factory.mktemp("vae_data") / "images", n=24, size=32)
-
-
-def test_single_process_resume_equals_straight_run_and_exports(images, tmp_path):
+def test_single_process_resume_equals_straight_run_and_exports(captioned_images, tmp_path):
     from diffusers import AutoencoderKL
 
     from launch.train_vae import main
 
-    main(tiny_args(images, tmp_path / "straight"))
-    main(tiny_args(images, tmp_path / "split", "--run.max-steps", "4"))
-    main(tiny_args(images, tmp_path / "split"))  # same command, larger budget: resumes at 4
+    main(tiny_args(captioned_images, tmp_path / "straight"))
+    main(tiny_args(captioned_images, tmp_path / "split", "--run.max-steps", "4"))
+    main(tiny_args(captioned_images, tmp_path / "split"))  # same command, larger budget: resumes at 4
 
     steps = [r["step"] for r in map(json.loads, (tmp_path / "split" / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "train"]
@@ -49,14 +43,15 @@ def test_single_process_resume_equals_straight_run_and_exports(images, tmp_path)
 
     # A finished run does nothing when relaunched.
     before = (tmp_path / "straight" / "metrics.jsonl").read_text()
-    main(tiny_args(images, tmp_path / "straight"))
+    main(tiny_args(captioned_images, tmp_path / "straight"))
     assert (tmp_path / "straight" / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.slow
-def test_two_processes_sigkill_between_checkpoints_then_resume_is_bitwise_equal(images, tmp_path):
-    args = lambda out, *x: accelerate_cmd("launch/train_vae.py") + tiny_args(images, out, "--run.max-steps", "8",
-                                                                              "--run.checkpoint-every", "3", "--run.lr-schedule", "cosine", *x)
+def test_two_processes_sigkill_between_checkpoints_then_resume_is_bitwise_equal(captioned_images, tmp_path):
+    args = lambda out, *x: two_process_command("launch/train_vae.py", *tiny_args(
+        captioned_images, out, "--run.max-steps", "8", "--run.checkpoint-every", "3", "--run.lr-schedule", "cosine",
+        *x))
     run(args(tmp_path / "straight"))
     crashed = run(args(tmp_path / "crash", "--run.crash-after-step", "5"), check=False)
     assert crashed.returncode != 0, "SIGKILL of rank 0 must make the launcher fail"
@@ -68,10 +63,11 @@ def test_two_processes_sigkill_between_checkpoints_then_resume_is_bitwise_equal(
     assert sha256(tmp_path / "straight" / "model" / WEIGHTS) == sha256(tmp_path / "crash" / "model" / WEIGHTS)
 
 
-def test_time_budget_ends_the_run_with_an_export_and_a_rerun_does_nothing(images, tmp_path):
+def test_time_budget_ends_the_run_with_an_export_and_a_rerun_does_nothing(captioned_images, tmp_path):
     from launch.train_vae import main
 
-    args = tiny_args(images, tmp_path / "budget", "--run.max-steps", "1000", "--run.max-train-minutes", "0.0001")
+    args = tiny_args(captioned_images, tmp_path / "budget", "--run.max-steps", "1000",
+                     "--run.max-train-minutes", "0.0001")
     main(args)
     done = json.loads((tmp_path / "budget" / "model" / "finished.json").read_text())
     assert 1 <= done["step"] < 1000
