@@ -168,3 +168,102 @@ def test_checkpoints_hold_no_pickles(tmp_path):
     path = CheckpointManager(tmp_path, OneProcess()).save(state)
     suffixes = {os.path.splitext(p)[1] for p in os.listdir(path)}
     assert suffixes <= {".safetensors", ".json"}
+
+
+def _two_checkpoints(tmp_path, keep_last=3):
+    mgr = CheckpointManager(tmp_path, OneProcess(), keep_last=keep_last)
+    state = make_state()
+    train_steps(state, 1)
+    mgr.save(state)
+    train_steps(state, 1)
+    return mgr, state, mgr.save(state)
+
+
+@pytest.mark.parametrize("manifest", [b"\xff\xfe\x00 not utf-8", b"[1, 2]", b'"text"', b'{"files": 3}',
+                                      b'{"files": {"state.json": 7}}', b'{"files": {"../../etc/passwd": "00"}}',
+                                      b'{"files": {}}', b""])
+def test_an_unreadable_newest_manifest_falls_back_to_the_previous_checkpoint(tmp_path, manifest):
+    mgr, _, newest = _two_checkpoints(tmp_path)
+    (newest / "manifest.json").write_bytes(manifest)
+    with pytest.raises(CheckpointError):
+        mgr.verify(newest)
+    fresh = make_state()
+    assert mgr.resume(fresh).name == step_dir_name(1) and fresh.step == 1
+    assert len(mgr.skipped) == 1 and str(newest) in mgr.skipped[0]
+
+
+def test_every_checkpoint_damaged_stops_instead_of_starting_over(tmp_path):
+    from launch.training.checkpoint import NoUsableCheckpoint
+
+    mgr, _, newest = _two_checkpoints(tmp_path)
+    for path in mgr.complete_checkpoints():
+        (path / "manifest.json").write_text("{", encoding="utf-8")
+    with pytest.raises(NoUsableCheckpoint, match="every checkpoint .* is damaged") as exc:
+        mgr.resume(make_state())
+    assert "move that folder away" in str(exc.value) and step_dir_name(1) in str(exc.value)
+
+
+def test_rotation_never_deletes_the_newest_good_checkpoint_for_damaged_later_ones(tmp_path):
+    mgr = CheckpointManager(tmp_path, OneProcess(), keep_last=1)
+    state = make_state()
+    train_steps(state, 1)
+    mgr.save(state)  # step 1, good
+    later = make_state()
+    train_steps(later, 9)
+    damaged = CheckpointManager(tmp_path, OneProcess(), keep_last=3).save(later)  # step 9 ...
+    (damaged / "module-model.safetensors").write_bytes(b"\0" * 16)  # ... then damaged
+
+    resumed = make_state()
+    assert mgr.resume(resumed).name == step_dir_name(1)
+    train_steps(resumed, 1)
+    mgr.save(resumed)  # step 2: before the fix rotation kept the damaged step 9 and deleted this one
+    names = [p.name for p in mgr.complete_checkpoints()]
+    assert names == [step_dir_name(2), step_dir_name(9)]
+    assert mgr.latest_valid().name == step_dir_name(2)
+
+
+def test_a_model_of_another_shape_is_refused_by_tensor_name_before_any_weight_loads(tmp_path):
+    state = make_state()
+    train_steps(state, 1)
+    path = CheckpointManager(tmp_path, OneProcess()).save(state)
+    wider = make_state()
+    wider.modules["model"] = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in wider.modules["model"].state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"0\.weight: checkpoint \[8, 4\], model \[16, 4\]"):
+        CheckpointManager(tmp_path, OneProcess()).load(path, wider)
+    assert all(torch.equal(before[k], v) for k, v in wider.modules["model"].state_dict().items())
+
+
+def test_a_manifest_that_omits_a_file_the_run_needs_is_refused(tmp_path):
+    from foundation import sha256_file
+
+    state = make_state()
+    train_steps(state, 1)
+    path = CheckpointManager(tmp_path, OneProcess()).save(state)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"]["optim-opt.safetensors"]  # a consistent manifest that lies by omission
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert sha256_file(path / "state.json") == manifest["files"]["state.json"]
+    with pytest.raises(CheckpointError, match="does not list"):
+        CheckpointManager(tmp_path, OneProcess()).load(path, make_state())
+
+
+def test_a_renamed_checkpoint_folder_is_refused(tmp_path):
+    state = make_state()
+    train_steps(state, 3)
+    path = CheckpointManager(tmp_path, OneProcess()).save(state)
+    moved = path.rename(tmp_path / step_dir_name(7))
+    with pytest.raises(CheckpointError, match="state.json says step 3"):
+        CheckpointManager(tmp_path, OneProcess()).load(moved, make_state())
+
+
+def test_the_run_record_is_saved_with_each_checkpoint_and_covered_by_its_manifest(tmp_path):
+    mgr = CheckpointManager(tmp_path, OneProcess())
+    mgr.record = {"config": {"lr": 0.1}, "stages": {"autoencoder": {"latent_channels": 4}}}
+    state = make_state()
+    train_steps(state, 1)
+    path = mgr.save(state)
+    assert mgr.read_record(path) == mgr.record
+    (path / "run.json").write_text('{"config": {"lr": 0.2}, "stages": {}}')
+    with pytest.raises(CheckpointError, match="run.json is corrupt"):
+        CheckpointManager(tmp_path, OneProcess()).read_record(path)
