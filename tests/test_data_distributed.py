@@ -4,22 +4,11 @@ even when one process's shard is shorter and full of broken samples."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import _data_fixtures as fx
+from tiny import run, two_process_command
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_read_disjoint_data_for_the_same_number_of_steps(tmp_path):
@@ -29,15 +18,8 @@ def test_two_processes_read_disjoint_data_for_the_same_number_of_steps(tmp_path)
     broken = [(f"x{i:02d}.{ext}", data) for i in range(8) for ext, data in (("png", b"junk"), ("txt", b"c"))]
     fx.write_tar(tmp_path / "shards" / "shard-000001.tar", fx.good_members(100, 9) + broken)
     out = tmp_path / "result.json"
-    accelerate = Path(sys.executable).parent / "accelerate"
-    # --multi_gpu starts 2 processes; the script's Accelerator(cpu=True) makes them a gloo group.
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(REPO / "tests" / "_data_fixtures.py"),
-               str(tmp_path / "shards"), str(out), str(STEPS)]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The script's Accelerator(cpu=True) makes the 2 processes a gloo group.
+    run(two_process_command("tests/_data_fixtures.py", tmp_path / "shards", out, STEPS), timeout=240)
 
     ranks = sorted(json.loads(out.read_text()), key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1]

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,8 +11,7 @@ from pathlib import Path
 import pytest
 
 import _data_fixtures as fx
-
-REPO = Path(__file__).resolve().parent.parent
+from tiny import run
 
 # Runs in its own session (process group): reads batches with 2 workers, installs a flag-setting
 # handler as the training scripts do, signals its whole group, and keeps reading.
@@ -43,10 +40,8 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
 def test_workers_ignore_a_process_group_signal_and_the_main_process_reads_on(tmp_path, signal_name):
     fx.make_image_folder(tmp_path / "folder", 12)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "folder"), signal_name], env=env,
-                            capture_output=True, text=True, timeout=120, start_new_session=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run([sys.executable, "-c", SCRIPT, str(tmp_path / "folder"), signal_name], timeout=120,
+                 start_new_session=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["caught"] == [signal_name], "the main process's own handler must see the signal"
     assert report["same"], "batches after the signal differ from an uninterrupted loader's"
