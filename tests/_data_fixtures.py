@@ -141,9 +141,10 @@ def make_mixed_shape_folder(root: Path, counts: dict[str, int]) -> dict[str, tup
     return sizes
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+def write_tar(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> Path:
+    """``members`` (name, bytes) in order; ``mode`` "w:gz" for a gzipped tarball."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
+    with tarfile.open(path, mode) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)

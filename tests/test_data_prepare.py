@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -114,12 +113,7 @@ def fake_emoji_package(path: Path) -> Path:
     names = [e["image"] for e in entries] + ["1f609-1f3fd.png", "1f609-1f3fb-1f3ff.png"]
     for i, name in enumerate(names):
         members.append((emoji_set.IMAGE_FOLDER + name, fx.encode(fx.solid((*fx.distinct_color(i), 0), (64, 64), "RGBA"))))
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return fx.write_tar(path, members, mode="w:gz")
 
 
 def test_emoji_captions_and_a_leak_free_validation_split(tmp_path):
