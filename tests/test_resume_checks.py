@@ -235,3 +235,26 @@ def test_autoencoder_run_refuses_another_shape_and_needs_the_flag_for_batch_size
     history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["changes"]["run.batch_size"] == {"old": 4, "new": 2, "kind": "override"}
     assert (run / "model" / "finished.json").is_file()
+
+
+def test_a_second_launch_into_a_folder_being_trained_is_refused(ldm_run, captioned_images, tiny_autoencoder, tmp_path):
+    import subprocess
+    import sys
+
+    from launch.train_ldm import main
+
+    run = fork(ldm_run, tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); f.write('pid 4242 on elsewhere'); "
+         "f.flush(); fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)", str(run / ".run.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        message = refused(main, ldm_args(captioned_images, tiny_autoencoder, run, "--run.max-steps", "8"))
+        assert "being trained by another process (pid 4242 on elsewhere)" in message
+        assert checkpoint_names(run) == checkpoint_names(ldm_run)
+    finally:
+        holder.kill()
+        holder.wait()
+    main(ldm_args(captioned_images, tiny_autoencoder, run, "--run.max-steps", "5"))  # the lock died with its holder
+    assert checkpoint_names(run)[-1] == "step_00000005"

@@ -42,6 +42,7 @@ from foundation import write_json_atomic
 from launch.training.accelerator import check_ranks_in_sync
 from launch.training.checkpoint import CheckpointError, CheckpointManager, TrainState
 from launch.training.config import RunConfig
+from launch.training import run_lock
 from launch.training.guard import PreemptionFlag, StepGuard
 from launch.training.resume_check import (ResumeDecision, ResumeRefused, append_history, check_record, normalise,
                                           remember_hyperparameters, restore_hyperparameters)
@@ -85,8 +86,11 @@ class TrainingRun:
         try:
             self.checkpoints.load(path, state)
         except CheckpointError as e:
-            _refuse(self.acc, str(e))
+            _refuse(self.acc, str(e), self.out)
         restore_hyperparameters(state.optimizers, state.shared.values(), remembered)
+        if state.step >= self.cfg.max_steps:
+            self.acc.print(f"warning: {path.name} is at step {state.step}, already at or past --run.max-steps "
+                           f"{self.cfg.max_steps}: nothing is trained, the checkpoint's weights are exported as they are")
         for change in decision.applied:
             self.acc.print(f"changed since {path.name}: {change.describe()}")
         if self.acc.is_main_process:
@@ -174,6 +178,7 @@ class TrainingRun:
 
     def close(self) -> None:
         self.logger.close()
+        run_lock.release(self.out)
         self.acc.end_training()  # tear gloo/NCCL down now: left to interpreter exit it can abort a rank
 
 
@@ -188,6 +193,8 @@ def check_resume(accelerator, run: RunConfig, *, config: dict[str, Any], stages:
 def _plan_resume(accelerator, run: RunConfig, config: dict[str, Any], stages: dict[str, Any] | None):
     """(manager with this run's record set, newest good checkpoint or None, decision); refuses with ``ResumeRefused``."""
     out = Path(run.output_dir)
+    if accelerator.is_main_process:
+        run_lock.acquire(out)  # held until close(): a second launch into this folder is refused
     current = {"config": normalise(config), "stages": normalise(stages or {})}
     checkpoints = CheckpointManager(out / "checkpoints", accelerator, keep_last=run.keep_last)
     checkpoints.record = current
@@ -199,7 +206,7 @@ def _plan_resume(accelerator, run: RunConfig, config: dict[str, Any], stages: di
             return checkpoints, None, ResumeDecision()
         recorded = checkpoints.read_record(path)
     except CheckpointError as e:
-        _refuse(accelerator, str(e))
+        _refuse(accelerator, str(e), out)
     if recorded is None:  # a checkpoint from before records existed: config.json is the best witness
         try:
             recorded = {"config": json.loads((out / "config.json").read_text(encoding="utf-8")), "stages": {}}
@@ -208,14 +215,16 @@ def _plan_resume(accelerator, run: RunConfig, config: dict[str, Any], stages: di
     try:
         decision, warnings = check_record(recorded, current, run.allow_changes, out, path.name)
     except ResumeRefused as e:
-        _refuse(accelerator, e.message)
+        _refuse(accelerator, e.message, out)
     for warning in warnings:
         accelerator.print(f"warning: {warning}")
     return checkpoints, path, decision
 
 
-def _refuse(accelerator, message: str) -> NoReturn:
+def _refuse(accelerator, message: str, run_dir: Path | None = None) -> NoReturn:
     """End the process group, then exit 1 with ``message`` (no traceback: it is the user's to act on)."""
+    if run_dir is not None:
+        run_lock.release(run_dir)
     accelerator.end_training()
     raise ResumeRefused(message)
 
