@@ -271,3 +271,24 @@ def source_normalisation(source: dict[str, Any], latent_channels: int) -> tuple[
     if len(mean) != latent_channels or len(std) != latent_channels:
         raise AutoencoderSourceError(f"{source['spec']}: latents_mean/latents_std do not have {latent_channels} entries")
     return mean, std
+
+
+def load_for_training(spec: str, config: str | Path | None = None) -> tuple[AutoencoderKL, dict[str, Any], Any]:
+    """``train_vae.py --init-from``: the source (foldable, float32), its record, and its latent contract
+    when SRC is a stage-1 folder (ours or imported), else None. A decoder-only run keeps that contract:
+    the encoder and its folded statistics do not change, so neither do the latents."""
+    from autoencoder.folder import CONTRACT_FILE, read_latent_contract
+
+    vae, source = load_pretrained_autoencoder(spec, config)
+    folder = Path(source["path"]).parent
+    contract = read_latent_contract(folder) if (folder / CONTRACT_FILE).is_file() else None
+    source["added_identity_quant_convs"] = make_foldable(vae)
+    return vae, source, contract
+
+
+def freeze_encoder(vae: AutoencoderKL) -> int:
+    """Decoder-only fine-tuning (as ``sd-vae-ft-mse`` was made): the encoder and ``quant_conv`` stop
+    training, so the latent space stays the source's. Returns the parameters left trainable."""
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    return sum(p.numel() for p in vae.parameters() if p.requires_grad)

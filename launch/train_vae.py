@@ -23,13 +23,15 @@ import torch
 
 from autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, TrainableAutoencoder, build_autoencoder
 from autoencoder.discriminator import build_discriminator
+from autoencoder.folder import save_autoencoder
 from autoencoder.losses import AUTOENCODER_LOSS_PRESETS, AutoencoderLoss, AutoencoderLossConfig
+from autoencoder.pretrained import autoencoder_config_of, freeze_encoder, load_for_training
 from data import DataConfig, build_loader
 from launch.training import vae_stage
 from launch.training.accelerator import make_generators, setup_accelerator
 from launch.training.checkpoint import TrainState
 from launch.training.config import RunConfig, below, optimizer_problems
-from launch.training.ema import EMA
+from launch.training.ema import EMA, averaged_copy
 from launch.training.optim import GradScalerState, make_lr_schedule
 from launch.training.run import TrainingRun, already_finished
 from launch.training.vae_stage import AutoencoderStep
@@ -64,6 +66,12 @@ class TrainVAEConfig:
     """Held-out images validated (the first ones of --val-data)."""
     stats_samples: int = 4096
     """Images used to measure the per-channel latent statistics at the end (0: all)."""
+    init_from: str = ""
+    """Fine-tune a pretrained autoencoder (SRC as for import_vae.py: AutoencoderKL or pipeline folder, hf:ORG/NAME[/vae], FILE.safetensors); its architecture replaces --model."""
+    init_from_config: Path | None = None
+    """The diffusers config.json of a single-file --init-from."""
+    decoder_only: bool = False
+    """With --init-from: train the decoder alone; the encoder, and so the latent space, stay the source's."""
 
     def __post_init__(self) -> None:
         # Every field checked at parse time, the resolution against the model's downsampling factor too.
@@ -112,10 +120,23 @@ def train(cfg: TrainVAEConfig) -> Path:
 
     # Models and optimizers; the generator optimizer holds the network and the output log-variance.
     torch.manual_seed(run.seed)  # diffusers initialises weights from the global RNG; nothing else uses it
-    model = TrainableAutoencoder(build_autoencoder(cfg.model), logvar_init=cfg.loss.logvar_init)
+    kept = None  # with --init-from a stage-1 folder: its latent contract, kept by --decoder-only
+    if cfg.init_from:
+        vae, _, kept = load_for_training(cfg.init_from, cfg.init_from_config)
+        cfg.model = autoencoder_config_of(vae)
+        if cfg.data.resolution % cfg.model.downsample_factor:
+            raise SystemExit(f"--data.resolution {cfg.data.resolution} is not a multiple of --init-from's "
+                             f"downsampling factor {cfg.model.downsample_factor}")
+    elif cfg.decoder_only:
+        raise SystemExit("--decoder-only fine-tunes an existing autoencoder: give --init-from SRC")
+    else:
+        vae = build_autoencoder(cfg.model)
+    model = TrainableAutoencoder(vae, logvar_init=cfg.loss.logvar_init)
+    if cfg.decoder_only:
+        acc.print(f"--decoder-only: {freeze_encoder(vae):,} decoder parameters train; the encoder is frozen")
     disc = build_discriminator(cfg.loss.discriminator)
     loss_fn = AutoencoderLoss(cfg.loss).to(acc.device)
-    opt_g = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    opt_g = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.adam_betas)
     sched_g, sched_d = make_lr_schedule(opt_g, run), make_lr_schedule(opt_d, run)
     model, disc, opt_g, opt_d = acc.prepare(model, disc, opt_g, opt_d)
@@ -132,6 +153,9 @@ def train(cfg: TrainVAEConfig) -> Path:
     tr = TrainingRun(acc, run, state, what="stage 1: autoencoder", config=to_dict(cfg))
     step = AutoencoderStep(acc, model, disc, loss_fn, opt_g, opt_d, gens["posterior"], run, tr.guard)
     val = vae_stage.Validator(cfg, acc, out) if cfg.val_data else None
+    if cfg.init_from:
+        acc.print(f"--init-from {cfg.init_from} was not reapplied: resumed from this run's own checkpoint" if tr.resumed_from
+                  else f"autoencoder from --init-from {cfg.init_from}; the EMA starts from these weights")
     batches = iter(loader)
 
     while tr.running:
@@ -153,11 +177,26 @@ def train(cfg: TrainVAEConfig) -> Path:
     if tr.preempted:
         tr.exit_preempted()
 
-    model_dir = vae_stage.export(cfg, acc, model, ema, out)
+    if cfg.decoder_only and kept is not None:
+        model_dir = _export_keeping_latents(acc, model, ema, out, kept)
+    else:
+        model_dir = vae_stage.export(cfg, acc, model, ema, out)
     tr.mark_finished(model_dir)
     if acc.is_main_process:
         vae_stage.plot(out)
     tr.close()
+    return model_dir
+
+
+def _export_keeping_latents(acc, model, ema, out: Path, contract) -> Path:
+    """--decoder-only from a stage-1 folder: its encoder and folded statistics are unchanged, so its
+    latent contract is kept as it is (no re-measuring): a UNet trained on its latents keeps working."""
+    model_dir = out / "model"
+    if acc.is_main_process:
+        final = averaged_copy(acc.unwrap_model(model), ema)
+        save_autoencoder(final.vae, contract, model_dir, overwrite=True)
+        acc.print(f"saved {model_dir} (decoder fine-tuned; latent contract of --init-from kept)")
+    acc.wait_for_everyone()
     return model_dir
 
 

@@ -194,3 +194,51 @@ def test_two_processes_measure_over_all_ranks(stock, images, tmp_path):
     # Each rank encodes its half; the reduced statistics count every image once.
     assert report["num_values"] == 16 * 16 * 16
     assert "2 process(es)" in proc.stdout + proc.stderr
+
+
+# -- train_vae.py --init-from, end to end ---------------------------------------------------------
+
+
+def _vae_args(src, data, out, *extra):
+    return ["--preset", "tiny", "--data", str(data), "--init-from", str(src), "--run.output-dir", str(out),
+            "--run.max-steps", "4", *extra]
+
+
+def test_decoder_only_fine_tuning_keeps_the_latent_space(stock, images, tmp_path, capsys):
+    from launch.import_vae import main as import_vae
+    from launch.train_vae import main as train_vae
+
+    import_vae(import_args(stock["sd"], images, tmp_path / "imported"))
+    src = tmp_path / "imported" / "model"
+    train_vae(_vae_args(src, images, tmp_path / "ft", "--decoder-only", "--lr", "0.01"))
+    assert "autoencoder from --init-from" in capsys.readouterr().out
+    before, src_contract = load_autoencoder(src)
+    after, contract = load_autoencoder(tmp_path / "ft" / "model")
+    a, b = before.state_dict(), after.state_dict()
+    encoder = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(a[k], b[k]) for k in encoder), "the encoder must not change"
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder.")), "the decoder trained"
+    assert contract.latent_mean == src_contract.latent_mean and contract.latent_std == src_contract.latent_std
+    assert contract.source == src_contract.source  # provenance of the imported weights kept
+    x = pixels(images, 4)
+    with torch.no_grad():
+        assert torch.equal(before.encode(x).latent_dist.mean, after.encode(x).latent_dist.mean)
+    with pytest.raises(SystemExit, match="--decoder-only fine-tunes an existing autoencoder"):
+        train_vae(["--preset", "tiny", "--data", str(images), "--decoder-only", "--run.output-dir", str(tmp_path / "x")])
+
+
+def test_full_fine_tuning_from_a_stock_folder_resumes_and_refolds(stock, images, tmp_path, capsys):
+    from launch.train_vae import main as train_vae
+
+    train_vae(_vae_args(stock["flux"], images, tmp_path / "straight"))
+    train_vae(_vae_args(stock["flux"], images, tmp_path / "split", "--run.max-steps", "2"))
+    capsys.readouterr()
+    train_vae(_vae_args(stock["flux"], images, tmp_path / "split"))
+    assert "was not reapplied" in capsys.readouterr().out
+    straight, contract = load_autoencoder(tmp_path / "straight" / "model")
+    split, _ = load_autoencoder(tmp_path / "split" / "model")
+    assert all(torch.equal(v, split.state_dict()[k]) for k, v in straight.state_dict().items())
+    assert contract.latent_channels == 16 and straight.config.scaling_factor == 1.0
+    source = AutoencoderKL.from_pretrained(stock["flux"])
+    s = source.state_dict()
+    assert any(not torch.equal(s[k], v) for k, v in straight.state_dict().items() if k.startswith("encoder."))
