@@ -1,14 +1,9 @@
-"""Tiny generated data for the data-layer tests: every awkward image kind, folders, shards.
-
-Run as a script under `accelerate launch` it is also the two-process check (see `distributed_check`).
-"""
+"""Tiny generated data for the data-layer tests: every awkward image kind, folders, shards."""
 
 from __future__ import annotations
 
 import io
-import json
 import struct
-import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -162,43 +157,3 @@ def good_members(start: int, n: int, prefix: str = "s") -> list[tuple[str, bytes
 
 def make_shards(root: Path, n_shards: int, per_shard: int) -> list[Path]:
     return [write_tar(root / f"shard-{s:06d}.tar", good_members(s * per_shard, per_shard)) for s in range(n_shards)]
-
-
-# ----- the two-process check (run under accelerate launch) ----------------------------------------
-
-
-def distributed_check(spec: str, out: Path, steps: int) -> None:
-    """Each of 2 CPU processes reads `steps` batches, checks they are full, saves its state halfway,
-    then checks a fresh loader restored from the gathered states sees the same second half."""
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
-
-    import data
-
-    accelerator = Accelerator(cpu=True)
-    assert accelerator.num_processes == 2, f"expected 2 processes, got {accelerator.num_processes}"
-    cfg = data.DataConfig(source=spec, resolution=16, max_bad_fraction=0.5, bad_fraction_min_seen=10_000)
-    kwargs = dict(batch_size=4, seed=3, rank=accelerator.process_index, world_size=accelerator.num_processes)
-    loader = data.build_loader(cfg, **kwargs)
-    keys, states = [], None
-    for step in range(steps):
-        if step == steps // 2:
-            states = gather_object([loader.state_dict()])
-        batch = next(loader)
-        assert batch["pixel_values"].shape[0] == 4
-        keys.append(batch["keys"])
-    resumed = data.build_loader(cfg, **kwargs)
-    resumed.load_state_dict(states)
-    second_half = [next(resumed)["keys"] for _ in range(steps - steps // 2)]
-    assert second_half == keys[steps // 2:], "resumed loader diverged"
-    everything = gather_object([{"rank": accelerator.process_index, "keys": keys, "steps": len(keys),
-                                 "bad": loader.bad_sample_counts}])
-    if accelerator.is_main_process:
-        out.write_text(json.dumps(everything), encoding="utf-8")
-    # Leaving gloo's process group to interpreter shutdown sometimes aborts a rank ("terminate
-    # called without an active exception", SIGABRT), which fails the launch after the work is done.
-    accelerator.end_training()
-
-
-if __name__ == "__main__":
-    distributed_check(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]))

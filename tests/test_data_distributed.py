@@ -1,9 +1,14 @@
 """Two real CPU processes (accelerate launch, gloo): disjoint samples, equal full steps, exact resume,
-even when one process's shard is shorter and full of broken samples."""
+even when one process's shard is shorter and full of broken samples.
+
+Run as a script under `accelerate launch` this file is the per-process side (`two_process_check`).
+"""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import _data_fixtures as fx
 from tiny import run, two_process_command
@@ -19,7 +24,7 @@ def test_two_processes_read_disjoint_data_for_the_same_number_of_steps(tmp_path)
     fx.write_tar(tmp_path / "shards" / "shard-000001.tar", fx.good_members(100, 9) + broken)
     out = tmp_path / "result.json"
     # The script's Accelerator(cpu=True) makes the 2 processes a gloo group.
-    run(two_process_command("tests/_data_fixtures.py", tmp_path / "shards", out, STEPS), timeout=240)
+    run(two_process_command("tests/test_data_distributed.py", tmp_path / "shards", out, STEPS), timeout=240)
 
     ranks = sorted(json.loads(out.read_text()), key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -27,3 +32,40 @@ def test_two_processes_read_disjoint_data_for_the_same_number_of_steps(tmp_path)
     first_pass = [{k for batch in r["keys"][:2] for k in batch} for r in ranks]  # 8 samples, within epoch 0
     assert not first_pass[0] & first_pass[1], "the two processes read the same samples"
     assert any(r["bad"] for r in ranks), "the broken shard should have been met"
+
+
+def two_process_check(spec: str, out: Path, steps: int) -> None:
+    """Each of 2 CPU processes reads `steps` batches, checks they are full, saves its state halfway,
+    then checks a fresh loader restored from the gathered states sees the same second half."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    import data
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2, f"expected 2 processes, got {accelerator.num_processes}"
+    cfg = data.DataConfig(source=spec, resolution=16, max_bad_fraction=0.5, bad_fraction_min_seen=10_000)
+    kwargs = dict(batch_size=4, seed=3, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    loader = data.build_loader(cfg, **kwargs)
+    keys, states = [], None
+    for step in range(steps):
+        if step == steps // 2:
+            states = gather_object([loader.state_dict()])
+        batch = next(loader)
+        assert batch["pixel_values"].shape[0] == 4
+        keys.append(batch["keys"])
+    resumed = data.build_loader(cfg, **kwargs)
+    resumed.load_state_dict(states)
+    second_half = [next(resumed)["keys"] for _ in range(steps - steps // 2)]
+    assert second_half == keys[steps // 2:], "resumed loader diverged"
+    everything = gather_object([{"rank": accelerator.process_index, "keys": keys, "steps": len(keys),
+                                 "bad": loader.bad_sample_counts}])
+    if accelerator.is_main_process:
+        out.write_text(json.dumps(everything), encoding="utf-8")
+    # Leaving gloo's process group to interpreter shutdown sometimes aborts a rank ("terminate
+    # called without an active exception", SIGABRT), which fails the launch after the work is done.
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    two_process_check(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]))

@@ -73,7 +73,7 @@ def two_process_check(images: str, cache_dir: str, out: str) -> None:
         }
         Path(out).write_text(json.dumps(result), encoding="utf-8")
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # see _data_fixtures.distributed_check: gloo can abort at exit
+    accelerator.end_training()  # see test_data_distributed.two_process_check: gloo can abort at exit
 
 
 if __name__ == "__main__":
