@@ -1,0 +1,91 @@
+"""Does a pipeline draw what it is asked? The emoji classifier's verdict on generated images.
+
+For a fixed set of prompts (training captions of base emoji, spread over every category), generate
+one image per prompt and count how often the classifier names the prompt's subcategory and
+category, against how often it does on the real images of the same prompts: the ratio is the score
+(1 means as recognisable as the real thing). Beside it, the Frechet distance between real and
+generated images in the classifier's pooled features (FID's recipe in a space that knows emoji).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from launch.evaluation.distances import frechet_distance
+from launch.evaluation.emoji_classifier import EmojiClassifier, LabelledImages
+from launch.evaluation.features import pil_to_uint8
+
+SKIPPED_CATEGORIES = ("Component",)  # skin-tone swatches and hair parts: not things a user asks for
+
+
+@dataclass
+class PromptSet:
+    """Benchmark prompts and the real image of each: uint8 images [N, 3, R, R]."""
+
+    prompts: list[str]
+    images: torch.Tensor
+    subcategory: list[str]
+    category: list[str]
+
+
+def benchmark_prompts(data: LabelledImages, per_category: int = 12) -> PromptSet:
+    """``per_category`` base emoji of every category, evenly spaced in emoji.json's sort order.
+
+    Deterministic in the data alone, so every model is asked the same questions.
+    """
+    by_category: dict[str, list[int]] = {}
+    for i, (cat, base) in enumerate(zip(data.category, data.base)):
+        if base and cat not in SKIPPED_CATEGORIES:
+            by_category.setdefault(cat, []).append(i)
+    chosen: list[int] = []
+    for cat in sorted(by_category):
+        members = sorted(by_category[cat], key=lambda i: data.sort_order[i])
+        n = min(per_category, len(members))
+        chosen += [members[int((j + 0.5) * len(members) / n)] for j in range(n)]
+    if not chosen:
+        raise ValueError("no base emoji with a category to draw benchmark prompts from")
+    return PromptSet([data.captions[i] for i in chosen], data.images[chosen],
+                     [data.subcategory[i] for i in chosen], [data.category[i] for i in chosen])
+
+
+def recognised(clf: EmojiClassifier, images: torch.Tensor, prompts: PromptSet, per_prompt: int = 1
+               ) -> dict[str, Any]:
+    """Accuracies on ``images`` [N * per_prompt, 3, H, W] uint8 (prompt-major) and their features."""
+    pred = clf.predict(images)
+    sub = clf.label_ids(prompts.subcategory, "subcategory").repeat_interleave(per_prompt)
+    cat = clf.label_ids(prompts.category, "category").repeat_interleave(per_prompt)
+    return {"subcategory_acc": (pred["subcategory"] == sub).float().mean().item(),
+            "category_acc": (pred["category"] == cat).float().mean().item(),
+            "features": pred["features"]}
+
+
+def compare(real: dict[str, Any], generated: dict[str, Any]) -> dict[str, float]:
+    """The benchmark's numbers for one set of generated images against the real images."""
+    fd = frechet_distance(real["features"], generated["features"])
+    out = {"subcategory_acc": generated["subcategory_acc"], "category_acc": generated["category_acc"],
+           "fd": fd if isinstance(fd, float) else float("nan")}
+    for kind in ("subcategory", "category"):
+        out[f"{kind}_ratio"] = generated[f"{kind}_acc"] / max(real[f"{kind}_acc"], 1e-9)
+    return out
+
+
+@torch.no_grad()
+def score_pipeline(pipe, clf: EmojiClassifier, prompts: PromptSet, guidance_scales: tuple[float, ...], *,
+                   steps: int = 20, sampler: str | None = None, seed: int = 0, per_prompt: int = 1,
+                   batch_size: int = 32) -> dict[str, Any]:
+    """{"real": accuracies on the real images, "guidance": {scale: compare(...)}} for ``pipe``.
+
+    Image k of the set uses seed ``seed + k`` at every guidance scale, so scales differ only by guidance.
+    """
+    real = recognised(clf, prompts.images, prompts)
+    out: dict[str, Any] = {"real": {k: v for k, v in real.items() if k != "features"},
+                           "prompts": len(prompts.prompts), "images_per_prompt": per_prompt, "guidance": {}}
+    for scale in guidance_scales:
+        res = pipe.generate(prompts.prompts, num_images_per_prompt=per_prompt, steps=steps, sampler=sampler,
+                            guidance_scale=scale, seed=seed, batch_size=batch_size)
+        generated = recognised(clf, pil_to_uint8([r.image for r in res]), prompts, per_prompt)
+        out["guidance"][f"{scale:g}"] = compare(real, generated)
+    return out

@@ -1,0 +1,126 @@
+"""Post-hoc EMA (EDM2): power-function EMA tracking, snapshots, least-squares reconstruction, the
+train_ldm option and the launch/posthoc_ema.py command."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from launch.training.ema import (
+    PostHocEMAConfig,
+    PowerEMA,
+    gamma_of,
+    list_snapshots,
+    posthoc_coefficients,
+    reconstruct,
+    sigma_rel_of,
+)
+
+
+class Vector(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(n))
+
+
+def trajectory(steps: int, n: int = 64, seed: int = 0) -> torch.Tensor:
+    """[steps, n] a noisy drifting weight trajectory (what SGD iterates look like, roughly)."""
+    g = torch.Generator().manual_seed(seed)
+    drift = torch.linspace(0, 1, steps)[:, None] * torch.randn(1, n, generator=g)
+    return drift + 0.3 * torch.randn(steps, n, generator=g).cumsum(0) / math.sqrt(steps) + 0.2 * torch.randn(steps, n, generator=g)
+
+
+def track(traj: torch.Tensor, sigma_rels, folder=None, every: int = 0) -> PowerEMA:
+    model = Vector(traj.shape[1])
+    ema = PowerEMA(model, tuple(sigma_rels))
+    for step, value in enumerate(traj, start=1):
+        model.w.data.copy_(value)
+        ema.update(model)
+        if folder is not None and step % every == 0:
+            ema.save_snapshot(folder, step)
+    return ema
+
+
+def test_sigma_rel_and_gamma_are_inverse_and_match_edm2_values():
+    for s in (0.01, 0.05, 0.10, 0.2, 0.28):
+        assert sigma_rel_of(gamma_of(s)) == pytest.approx(s, rel=1e-10)
+    assert gamma_of(0.05) == pytest.approx(16.97, abs=0.01)  # EDM2: sigma_rel 0.05 <-> gamma ~ 16.97
+    assert gamma_of(0.10) == pytest.approx(6.94, abs=0.01)
+    for bad in (0.0, -0.1, 0.3):
+        with pytest.raises(ValueError, match="sigma_rel must be in"):
+            gamma_of(bad)
+    with pytest.raises(ValueError, match="sigma_rels is empty"):
+        PostHocEMAConfig(snapshot_every=10, sigma_rels=())
+
+
+def test_power_ema_weights_each_step_by_the_integrated_profile():
+    # One-hot weights: the average's entry tau is exactly the weight step tau received.
+    steps, sigma = 40, 0.1
+    ema = track(torch.eye(steps), [sigma])
+    gamma = gamma_of(sigma)
+    tau = np.arange(1, steps + 1, dtype=np.float64)
+    expected = (tau ** (gamma + 1) - (tau - 1) ** (gamma + 1)) / steps ** (gamma + 1)
+    np.testing.assert_allclose(ema.weights(0)["w"].double().numpy(), expected, rtol=1e-4, atol=1e-7)
+    assert ema.weights(0)["w"].sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_coefficients_pick_a_tracked_profile_alone():
+    times = [100, 100, 200, 200, 300, 300]
+    gammas = [gamma_of(0.05), gamma_of(0.10)] * 3
+    x, err = posthoc_coefficients(times, gammas, 300, gamma_of(0.10))
+    np.testing.assert_allclose(x, [0, 0, 0, 0, 0, 1], atol=1e-6)
+    assert err < 1e-6
+    _, err_between = posthoc_coefficients(times, gammas, 300, gamma_of(0.07))
+    assert 0 < err_between < 0.05
+
+
+def test_reconstructing_a_tracked_sigma_rel_reproduces_it(tmp_path):
+    traj = trajectory(300)
+    ema = track(traj, [0.05, 0.10], tmp_path, every=25)
+    assert [s.step for s in list_snapshots(tmp_path)] == list(range(25, 301, 25))
+    for k, sigma in enumerate((0.05, 0.10)):
+        rec = reconstruct(tmp_path, sigma)
+        assert rec.step == 300 and rec.snapshots == 12 and rec.fit_error < 1e-6
+        torch.testing.assert_close(rec.weights["w"], ema.weights(k)["w"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma, step", [(0.07, 0), (0.15, 0), (0.07, 150)])
+def test_reconstruction_matches_the_directly_computed_power_ema(tmp_path, sigma, step):
+    traj = trajectory(300, seed=1)
+    track(traj, [0.05, 0.10], tmp_path, every=25)
+    rec = reconstruct(tmp_path, sigma, step=step)
+    end = step or 300
+    direct = track(traj[:end], [sigma]).weights(0)["w"]
+    # The rebuilt average is far closer to the direct one than the tracked profiles are to each other.
+    tracked = track(traj[:end], [0.05, 0.10])
+    spread = (tracked.weights(0)["w"] - tracked.weights(1)["w"]).norm()
+    assert rec.step == end
+    assert (rec.weights["w"] - direct).norm() < 0.05 * spread
+    assert rec.fit_error < 0.1
+
+
+def test_resumed_power_ema_equals_an_uninterrupted_one_and_refuses_other_widths():
+    traj = trajectory(50)
+    straight = track(traj, [0.05, 0.10])
+    first = track(traj[:20], [0.05, 0.10])
+    model = Vector(traj.shape[1])
+    resumed = PowerEMA(model, (0.05, 0.10))
+    resumed.load_state_dict(first.state_dict())
+    for value in traj[20:]:
+        model.w.data.copy_(value)
+        resumed.update(model)
+    for k in range(2):
+        assert torch.equal(resumed.weights(k)["w"], straight.weights(k)["w"])
+    with pytest.raises(ValueError, match="same --posthoc-ema.sigma-rels"):
+        PowerEMA(model, (0.05, 0.12)).load_state_dict(first.state_dict())
+
+
+def test_reconstruct_without_snapshots_says_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="snapshot-every"):
+        reconstruct(tmp_path, 0.1)
+    track(trajectory(20), [0.05, 0.10], tmp_path, every=10)
+    with pytest.raises(ValueError, match=r"snapshots exist at steps \[10, 20\]"):
+        reconstruct(tmp_path, 0.1, step=15)
