@@ -1,29 +1,33 @@
-"""Stage-3 training throughput with and without `--cache-latents --cache-text` (CPU by default).
+"""Stage-3 training throughput and where a step's time goes: on the fly (before / now) and cached.
 
-Same UNet (`small` preset), `minilm` text encoder (32 tokens), `small` autoencoder preset at 64 px,
-AdamW, batch 32, on generated captioned PNGs:
+The setup of issue 18 (the one compared with diffusers' train_text_to_image.py): the `small` UNet
+preset, the `small` autoencoder preset at 64 px, a 6-layer 384-wide CLIP text encoder at 77 tokens
+(random weights, open_clip's BPE vocabulary, saved and loaded through `hf:` as a user would), batch
+32, AdamW, EMA, min-SNR (gamma 5), 10% caption dropout, fp32 UNet, on generated captioned PNGs:
 
-  (a) on the fly: decode + resize (data.build_loader), VAE encode + sample, text encode, caption
-      dropout, UNet forward/backward, AdamW step
-  (b) cached:     gather from the cache (CachedLatentLoader), sample latents from the cached
-      mean/std, caption dropout, UNet forward/backward, AdamW step
+  on the fly, before: the frozen encoders as they ran before issue 18, replayed here: fp32, no_grad,
+                      the prompts tokenised twice (the second pass counted over-long ones), every
+                      caption encoded, `vae.encode(...)` on the training autoencoder
+  on the fly, now:    `FrozenTextEncoder.encode` and `autoencoder.frozen.FrozenEncoder`, both loaded
+                      with dtype=auto (one tokenisation, each distinct caption once, inference mode;
+                      bf16 on bf16 GPUs and AMX CPUs, fp32 here: see text_encoder/precision.py)
+  cached:             `--cache-latents --cache-text` (ldm.cache): gather + sample the posterior
+  diffusers:          the step of diffusers' examples/text_to_image/train_text_to_image.py, on the
+                      same models and images (benchmarks/diffusers_reference.py says what it does)
 
-    .venv/bin/python -m benchmarks.train_throughput [--steps 6] [--warmup 2] [--batch-size 32] [--images 256]
+Every mode clips the gradient norm at 1.0 and updates an EMA, as train_ldm.py and the example do.
 
-The two modes alternate step by step after a warm-up (the first steps build oneDNN kernels and the
-optimizer state and are several times slower), and the median step counts, so a burst of load from
-other jobs on a shared CPU hits both. The CPU-time share of each phase is printed as well: it is
-steadier than wall-clock time on a busy machine and shows where an on-the-fly step spends its time.
-The one-off cost of building the cache is printed too, with the number of trained images after which
-it has paid for itself. The autoencoder is randomly initialised: its speed, not its quality, matters
-here. Prints numbers only; no assertions.
+    .venv/bin/python -m benchmarks.train_throughput [--steps 6] [--warmup 2] [--threads 0] [--workers 0]
+        [--distinct-captions 0] [--profile]
 
-Measured on the idle 2-core CPU (torch 2.14.1): on the fly 41.0 img/s, cached 58.9 img/s: 1.44x
-wall-clock, 1.42x CPU time; the cache (both flips + text) builds at 62 img/s and pays for itself after
-~560 trained images. Earlier, on the shared 2-core CPU (load ~9, steps varying 2-3x), two runs:
-  on the fly 1.4 / 1.9 img/s, cached 2.2 / 2.8 img/s: 1.56x / 1.50x wall-clock (1.52x / 1.48x CPU time).
-  Encoding is ~21% of an on-the-fly step's CPU time; the UNet step itself also ran ~15% slower when
-  it shared a step with the encoders (memory traffic and allocator churn), which makes up the rest.
+Method: the three modes alternate step by step after a warm-up (first steps build oneDNN kernels and
+the optimizer state), so a burst of load from other jobs on a shared CPU hits all of them; each phase
+is timed in wall-clock and in this process's CPU time (steadier on a busy machine) and the median over
+steps is printed as a table. `--distinct-captions N` gives the images N captions in turn (class-label
+style data, where deduplication pays); 0 keeps every caption distinct, as in issue 18. `--profile`
+prints torch.profiler's top operators for one step of each mode. Prints numbers only; no assertions.
+
+Measured numbers: see the end of this docstring (recorded by the commit that adds them).
 """
 
 from __future__ import annotations
@@ -42,17 +46,20 @@ from PIL import Image
 
 import data
 from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
-from ldm.cached_loader import CachedLatentLoader, sample_latents
+from autoencoder.frozen import FrozenEncoder
+from benchmarks.diffusers_reference import DiffusersStyleStep
+from ldm.cache import CachedLatentLoader, CacheSpec, build_cache, open_cache, sample_latents
 from ldm.conditioning import drop_captions
-from ldm.latent_cache import build_cache, cache_key, open_cache
 from ldm.objective import DIFFUSION_PRESETS, DiffusionObjective
 from ldm.unet import build_unet, unet_denoiser
-from text_encoder import load_text_encoder
+from text_encoder import FrozenTextEncoder, load_text_encoder, resolve_dtype
 
 RESOLUTION = 64
+MODES = ("diffusers", "before", "now", "cached")
+PHASES = ("data/collate", "VAE encode", "text encode", "UNet fwd+bwd", "optimizer+EMA")
 
 
-def make_images(folder: Path, n: int) -> None:
+def make_images(folder: Path, n: int, distinct_captions: int) -> None:
     """n random-colour gradient PNGs (80x64, so the loader really resizes and crops) with captions."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:64, :80]
@@ -60,72 +67,132 @@ def make_images(folder: Path, n: int) -> None:
         r, g, b = rng.integers(0, 256, size=3)
         pixels = np.stack([(xx * 3 + r) % 256, (yy * 3 + g) % 256, (xx + yy + b) % 256], -1).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"img{i:04d}.png")
-        (folder / f"img{i:04d}.txt").write_text(f"a gradient number {i} in colour {r} {g} {b}", encoding="utf-8")
+        k = i % distinct_captions if distinct_captions else i
+        (folder / f"img{i:04d}.txt").write_text(f"a gradient number {k} in colour {k % 7} {k % 5} {k % 3}",
+                                                encoding="utf-8")
+
+
+def clip_text_encoder(folder: Path) -> str:
+    """A random 6-layer, 384-wide CLIPTextModel with open_clip's vocabulary at 77 tokens; its hf: spec."""
+    import open_clip
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from text_encoder.openclip_backend import clip_tokenizer_from_open_clip
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                            max_position_embeddings=77)
+    CLIPTextModel(config).save_pretrained(folder)
+    clip_tokenizer_from_open_clip(open_clip.get_tokenizer("ViT-B-32"), 77).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+def legacy_encode(te: FrozenTextEncoder, captions: list[str]) -> torch.Tensor:
+    """FrozenTextEncoder.encode as it was before issue 18 (fp32 model): hidden [B, 77, D]."""
+    tokens = te.tokenizer(captions, padding="max_length", max_length=te.max_length, truncation=True,
+                          return_tensors="pt")
+    te.tokenizer(captions, truncation=False, verbose=False)  # the second pass that counted over-long prompts
+    mask = tokens["attention_mask"]
+    with torch.no_grad():
+        return te.model(tokens["input_ids"], attention_mask=mask if te.uses_attention_mask else None)[0]
 
 
 class Models:
-    """The frozen stages, the trained UNet with its AdamW, and the step's generator."""
+    """The frozen stages (as before and as now), the trained UNet with AdamW and EMA, the step's generator."""
 
-    def __init__(self) -> None:
+    def __init__(self, text_spec: str) -> None:
         torch.manual_seed(0)  # weights only; every draw in the steps uses self.generator
         self.vae = build_autoencoder(AUTOENCODER_PRESETS["small"]).eval().requires_grad_(False)
-        self.text = load_text_encoder("minilm", max_length=32)
-        self.null = self.text.null_embedding().hidden  # [1, 32, 384]
-        self.unet = build_unet("small", cross_attention_dim=self.text.hidden_size).train()
+        self.text_before = load_text_encoder(text_spec, dtype="fp32")
+        self.text_now = load_text_encoder(text_spec, dtype="auto")
+        self.vae_now = FrozenEncoder(self.vae, dtype=resolve_dtype("auto", "cpu"))
+        self.null = self.text_before.null_embedding().hidden  # [1, 77, 384]
+        self.unet = build_unet("small", cross_attention_dim=self.text_now.hidden_size).train()
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)
-        self.objective = DiffusionObjective(DIFFUSION_PRESETS["sd"])
+        self.ema = [p.detach().clone() for p in self.unet.parameters()]
+        self.objective = DiffusionObjective(DIFFUSION_PRESETS["sd_min_snr"])
         self.denoiser = unet_denoiser(self.unet)
         self.generator = torch.Generator().manual_seed(0)
 
-    def train_step(self, latents: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Caption dropout, UNet forward/backward on latents [B, 4, 16, 16], hidden [B, 32, 384], AdamW."""
-        cond, _ = drop_captions(hidden, self.null, 0.1, self.generator)
-        loss, _ = self.objective.loss(self.denoiser, latents, cond, self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+    def train_step(self, latents: torch.Tensor, hidden: torch.Tensor, phase: Phases) -> None:
+        """Caption dropout + UNet forward/backward on latents [B, 4, 16, 16], hidden [B, 77, 384]; AdamW + EMA."""
+        with phase("UNet fwd+bwd"):
+            cond, _ = drop_captions(hidden.float(), self.null.float(), 0.1, self.generator)
+            loss, _ = self.objective.loss(self.denoiser, latents, cond, self.generator)
+            loss.backward()
+        with phase("optimizer+EMA"):
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.unet.parameters()], 1 - 0.999)
 
 
 class Phases:
-    """Wall and CPU seconds spent per phase of a step (CPU time is steadier on a shared machine)."""
+    """Per step: wall and CPU seconds of each phase (CPU time is steadier on a shared machine)."""
 
     def __init__(self) -> None:
-        self.wall: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}
+        self.steps: list[dict[str, tuple[float, float]]] = []
+
+    def new_step(self) -> None:
+        self.steps.append({})
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         wall, cpu = time.perf_counter(), time.process_time()
         yield
-        self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
-        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
+        w, c = self.steps[-1].get(name, (0.0, 0.0))
+        self.steps[-1][name] = (w + time.perf_counter() - wall, c + time.process_time() - cpu)
+
+    def median(self, name: str, which: int) -> float | None:
+        values = [s[name][which] for s in self.steps if name in s]
+        return statistics.median(values) if values else None
+
+    def median_total(self, which: int) -> float:
+        return statistics.median(sum(v[which] for v in s.values()) for s in self.steps)
 
 
-def on_the_fly_step(models: Models, loader: data.CaptionedLoader, phase: Phases) -> None:
-    with phase("decode + resize"):
+def before_step(models: Models, loader: data.CaptionedLoader, phase: Phases) -> None:
+    with phase("data/collate"):
         batch = next(loader)
-    with torch.no_grad():
-        with phase("VAE encode + sample"):
-            latents = models.vae.encode(batch["pixel_values"]).latent_dist.sample(models.generator)  # [B, 4, 16, 16]
-        with phase("text encode"):
-            hidden = models.text.encode(batch["captions"]).hidden  # [B, 32, 384]
-    with phase("UNet fwd/bwd + AdamW"):
-        models.train_step(latents, hidden)
+    with phase("VAE encode"), torch.no_grad():
+        latents = models.vae.encode(batch["pixel_values"]).latent_dist.sample(models.generator)  # [B, 4, 16, 16]
+    with phase("text encode"):
+        hidden = legacy_encode(models.text_before, list(batch["captions"]))  # [B, 77, 384]
+    models.train_step(latents, hidden, phase)
+
+
+def now_step(models: Models, loader: data.CaptionedLoader, phase: Phases) -> None:
+    with phase("data/collate"):
+        batch = next(loader)
+    with phase("VAE encode"):
+        latents = models.vae_now.encode(batch["pixel_values"]).latent_dist.sample(models.generator)
+    with phase("text encode"):
+        hidden = models.text_now.encode(list(batch["captions"])).hidden
+    models.train_step(latents, hidden, phase)
 
 
 def cached_step(models: Models, loader: CachedLatentLoader, phase: Phases) -> None:
-    with phase("cache gather + sample"):
+    with phase("data/collate"):
         batch = next(loader)
         latents = sample_latents(batch["latent_mean"], batch["latent_std"], models.generator)  # [B, 4, 16, 16]
-    with phase("UNet fwd/bwd + AdamW"):
-        models.train_step(latents, batch["text_hidden"])
+    models.train_step(latents, batch["text_hidden"], phase)
 
 
-def timed_step(step: Callable[[], None], batch_size: int) -> tuple[float, float]:
-    """(images per wall second, images per CPU second of this process) of one step."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    step()
-    return batch_size / (time.perf_counter() - wall), batch_size / (time.process_time() - cpu)
+def profile_steps(steps: dict[str, Callable[[Phases], None]]) -> None:
+    from torch.profiler import profile
+
+    for name, step in steps.items():
+        with profile() as prof:
+            step(_fresh())
+        print(f"\n--- torch.profiler, one {name} step (top operators by self CPU time)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def _fresh() -> Phases:
+    p = Phases()
+    p.new_step()
+    return p
 
 
 def main() -> None:
@@ -134,55 +201,69 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--images", type=int, default=256, help="generated training images")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 keeps torch's default")
+    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes (on the fly)")
+    parser.add_argument("--distinct-captions", type=int, default=0, help="captions repeat every N images; 0: all distinct")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables for one step per mode")
     args = parser.parse_args()
-    models = Models()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder, cache_dir = Path(tmp) / "images", Path(tmp) / "cache"
         folder.mkdir()
-        make_images(folder, args.images)
+        make_images(folder, args.images, args.distinct_captions)
+        models = Models(clip_text_encoder(Path(tmp) / "clip"))
         cfg = data.DataConfig(source=str(folder), resolution=RESOLUTION, crop="center", flip=True)
-        vae_fp, text_fp = {"weights_sha256": "benchmark-random-small"}, models.text.fingerprint
+        vae_fp, text_fp = {"weights_sha256": "benchmark-random-small"}, models.text_before.fingerprint
         start = time.perf_counter()
-        build_cache(cfg, cache_dir, vae=models.vae, vae_fingerprint=vae_fp, text_encoder=models.text,
-                    text_fingerprint=text_fp, rank=0, world_size=1, barrier=lambda: None, batch_size=64)
+        spec = CacheSpec(data=cfg, cache_dir=cache_dir, vae_fingerprint=vae_fp, text_fingerprint=text_fp, batch_size=64)
+        build_cache(spec, vae=models.vae, text_encoder=models.text_before, rank=0, world_size=1, barrier=lambda: None)
         build_seconds = time.perf_counter() - start
-        cache = open_cache(cache_dir, cache_key(cfg, vae_fp, text_fp))
-        live = data.build_loader(cfg, batch_size=args.batch_size, seed=0)
-        cached = CachedLatentLoader(cache, batch_size=args.batch_size, seed=0)
-        warm = {"on the fly": Phases(), "cached": Phases()}  # discarded: first steps are slow
-        phases = {"on the fly": Phases(), "cached": Phases()}
+        cache = open_cache(cache_dir, spec.key)
+        loaders = {"before": data.build_loader(cfg, batch_size=args.batch_size, seed=0, num_workers=args.workers),
+                   "now": data.build_loader(cfg, batch_size=args.batch_size, seed=0, num_workers=args.workers),
+                   "cached": CachedLatentLoader(cache, batch_size=args.batch_size, seed=0)}  # fmt: skip
+        iters = {name: iter(loader) for name, loader in loaders.items()}
+        step_fns = {"before": before_step, "now": now_step, "cached": cached_step}
+        steps = {m: (lambda p, m=m: step_fns[m](models, iters[m], p)) for m in MODES if m in step_fns}
+        reference = DiffusersStyleStep(folder, models.unet, models.vae, models.text_before.model,
+                                       models.text_before.tokenizer, RESOLUTION, args.batch_size, args.workers)
+        steps["diffusers"] = reference.step
+        steps = {m: steps[m] for m in MODES}
         for _ in range(args.warmup):
-            on_the_fly_step(models, live, warm["on the fly"])
-            cached_step(models, cached, warm["cached"])
-        rates: dict[str, list[tuple[float, float]]] = {"on the fly": [], "cached": []}
-        for _ in range(args.steps):  # alternate step by step, so load bursts hit both modes
-            rates["on the fly"].append(timed_step(lambda: on_the_fly_step(models, live, phases["on the fly"]),
-                                                  args.batch_size))
-            rates["cached"].append(timed_step(lambda: cached_step(models, cached, phases["cached"]), args.batch_size))
-    report(rates, phases, build_seconds, args)
+            for m in MODES:
+                steps[m](_fresh())
+        phases = {m: Phases() for m in MODES}
+        for _ in range(args.steps):  # alternate step by step, so load bursts hit every mode
+            for m in MODES:
+                phases[m].new_step()
+                steps[m](phases[m])
+        if args.profile:
+            profile_steps(steps)
+    report(phases, build_seconds, models, args)
 
 
-def report(rates: dict[str, list[tuple[float, float]]], phases: dict[str, Phases], build_seconds: float,
-           args: argparse.Namespace) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"{args.steps} steps per mode after {args.warmup} warm-up, {args.images} images at {RESOLUTION} px")
-    wall = {name: statistics.median(r[0] for r in values) for name, values in rates.items()}
-    cpu = {name: statistics.median(r[1] for r in values) for name, values in rates.items()}
-    for name, values in rates.items():
-        steps = ", ".join(f"{r[0]:.1f}" for r in values)
-        print(f"  {name:>10}: {wall[name]:6.1f} img/s (steps: {steps});  {cpu[name]:6.1f} img per CPU-second")
-    print(f"  speed-up cached / on the fly: {wall['cached'] / wall['on the fly']:.2f}x wall-clock, "
-          f"{cpu['cached'] / cpu['on the fly']:.2f}x CPU time")
-    for name, phase in phases.items():
-        total = sum(phase.cpu.values())
-        shares = ", ".join(f"{k} {v / total:.0%}" for k, v in phase.cpu.items())
-        print(f"  CPU time of a {name} step: {shares}")
-    saved_per_image = 1 / wall["on the fly"] - 1 / wall["cached"]
-    payback = "no gain"
-    if saved_per_image > 0:
-        payback = f"pays for itself after {build_seconds / saved_per_image:.0f} trained images"
-    print(f"  cache build (both flips + text): {build_seconds:.1f} s for {args.images} images "
-          f"({args.images / build_seconds:.1f} img/s); {payback}")
+def report(phases: dict[str, Phases], build_seconds: float, models: Models, args: argparse.Namespace) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.workers} loader workers, batch "
+          f"{args.batch_size}, {args.steps} steps per mode after {args.warmup} warm-up, {args.images} images at "
+          f"{RESOLUTION} px, captions {'all distinct' if not args.distinct_captions else f'repeating every {args.distinct_captions}'}")
+    print(f"frozen encoders now: text {models.text_now.dtype}, autoencoder {models.vae_now.dtype}")
+    for which, label in ((0, "wall-clock"), (1, "CPU time of this process")):
+        print(f"\nmedian ms per step, {label}:")
+        print(f"  {'phase':<16}" + "".join(f"{m:>12}" for m in MODES))
+        for name in PHASES:
+            cells = [phases[m].median(name, which) for m in MODES]
+            print(f"  {name:<16}" + "".join(f"{'-' if c is None else f'{c * 1e3:.0f}':>12}" for c in cells))
+        totals = {m: phases[m].median_total(which) for m in MODES}
+        print(f"  {'step':<16}" + "".join(f"{totals[m] * 1e3:>12.0f}" for m in MODES))
+        print(f"  {'img/s':<16}" + "".join(f"{args.batch_size / totals[m]:>12.1f}" for m in MODES))
+        print("  speed vs diffusers' example: " + ", ".join(f"{m} {totals['diffusers'] / totals[m]:.2f}x"
+                                                          for m in MODES[1:])
+              + f"; now / before {totals['before'] / totals['now']:.2f}x")
+    saved_per_image = (phases["now"].median_total(0) - phases["cached"].median_total(0)) / args.batch_size
+    payback = f"pays for itself after {build_seconds / saved_per_image:.0f} trained images" if saved_per_image > 0 else "no gain"
+    print(f"\ncache build (both flips + text, {models.text_before.dtype}): {build_seconds:.1f} s for {args.images} "
+          f"images ({args.images / build_seconds:.1f} img/s); {payback}")
 
 
 if __name__ == "__main__":
