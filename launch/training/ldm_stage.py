@@ -13,18 +13,19 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from autoencoder.frozen import FrozenEncoder
 from data import build_loader, iterate_once
 from launch.evaluation.pictures import labelled_grid, plot_curves
 from launch.training.config import RunConfig
 from launch.training.ema import EMA, averaged_copy
 from launch.training.guard import StepGuard
 from launch.training.tracking import read_metrics
-from ldm.cache import CachedLatentLoader, CacheSpec, ensure_cache, native_encoder_precision, sample_latents
+from ldm.cache import CachedLatentLoader, CacheSpec, ensure_cache, sample_latents
 from ldm.conditioning import drop_captions
 from ldm.objective import DiffusionObjective
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.unet import unet_denoiser
-from text_encoder import FrozenTextEncoder
+from text_encoder import FrozenTextEncoder, resolve_dtype
 
 if TYPE_CHECKING:  # the command owns its config; imported for annotations only
     from launch.train_ldm import TrainLDMConfig
@@ -45,12 +46,13 @@ class Batches:
         run = cfg.run
         self.cached_text = cfg.cache_text
         if cfg.cache_latents or cfg.cache_text:
+            encoder = FrozenEncoder(vae, dtype=resolve_dtype("auto", acc.device))  # bf16 where native; keyed
             spec = CacheSpec(
-                data=cfg.data, cache_dir=cfg.cache_dir or Path(run.output_dir) / "cache", vae_fingerprint=vae_fingerprint,
-                text_fingerprint=text_encoder.fingerprint if cfg.cache_text else None,
-                encoder_precision=native_encoder_precision(acc.device), num_workers=run.num_workers,
+                data=cfg.data, cache_dir=cfg.cache_dir or Path(run.output_dir) / "cache",
+                vae_fingerprint=encoder.fingerprint(vae_fingerprint),
+                text_fingerprint=text_encoder.fingerprint if cfg.cache_text else None, num_workers=run.num_workers,
             )
-            cache = ensure_cache(spec, vae=vae, text_encoder=text_encoder if cfg.cache_text else None,
+            cache = ensure_cache(spec, vae=encoder, text_encoder=text_encoder if cfg.cache_text else None,
                                  rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone)
             self.loader = CachedLatentLoader(cache, batch_size=run.batch_size, seed=run.seed,
                                              rank=acc.process_index, world_size=acc.num_processes)

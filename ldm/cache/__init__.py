@@ -45,7 +45,7 @@ from ldm.cache.check import (
 from ldm.cache.data_files import data_files_fingerprint
 from ldm.cache.loader import CachedLatentLoader, sample_latents
 from ldm.cache.reader import LatentCache
-from ldm.cache.spec import CacheSpec, native_encoder_precision
+from ldm.cache.spec import CacheSpec
 
 __all__ = [
     "MANIFEST_NAME",
@@ -59,7 +59,6 @@ __all__ = [
     "cache_is_valid",
     "data_files_fingerprint",
     "ensure_cache",
-    "native_encoder_precision",
     "open_cache",
     "sample_latents",
 ]

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffusers import AutoencoderKL
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
@@ -23,7 +22,7 @@ import data
 from foundation import sha256_file, write_bytes_atomic
 from ldm.cache.check import MANIFEST_NAME, NULL_TEXT_NAME, CacheError, _differing, cache_is_valid, open_cache, \
     read_manifest
-from ldm.cache.encode import encode_batch, encode_null_text
+from ldm.cache.encode import ImageEncoder, encode_batch, encode_null_text
 from ldm.cache.reader import LatentCache
 from ldm.cache.shards import ShardWriter, json_bytes, progress_path
 from ldm.cache.spec import CACHE_FORMAT, CacheSpec
@@ -35,11 +34,12 @@ logger = logging.getLogger(__name__)
 PLAN_NAME = "build.json"
 
 
-def ensure_cache(spec: CacheSpec, *, vae: AutoencoderKL, text_encoder: FrozenTextEncoder | None, rank: int,
+def ensure_cache(spec: CacheSpec, *, vae: ImageEncoder, text_encoder: FrozenTextEncoder | None, rank: int,
                  world_size: int, barrier: Callable[[], None]) -> LatentCache:
     """Reuse the cache in `spec.cache_dir` if it matches, build (or finish) it if it is missing or
     unfinished, refuse it if it is stale (StaleCacheError). Every rank must call it: all see the same
-    folder and decide alike. `text_encoder` is needed when `spec.text_fingerprint` is set."""
+    folder and decide alike. `vae`: the autoencoder or its `FrozenEncoder` (whose precision must be in
+    `spec.vae_fingerprint`); `text_encoder` is needed when `spec.text_fingerprint` is set."""
     if spec.data.crop == "random" and rank == 0:
         logger.warning("--data.crop random is ignored when training from a latent cache: the cache holds "
                        "centre crops (flips are kept when --data.flip is on).")
@@ -48,7 +48,7 @@ def ensure_cache(spec: CacheSpec, *, vae: AutoencoderKL, text_encoder: FrozenTex
     return open_cache(spec.cache_dir, spec.key, verify_sha256=spec.verify_sha256, in_memory=spec.in_memory)
 
 
-def build_cache(spec: CacheSpec, *, vae: AutoencoderKL, text_encoder: FrozenTextEncoder | None, rank: int,
+def build_cache(spec: CacheSpec, *, vae: ImageEncoder, text_encoder: FrozenTextEncoder | None, rank: int,
                 world_size: int, barrier: Callable[[], None]) -> dict[str, Any]:
     """Encode this rank's share of the data into `spec.cache_dir`; every rank must call it (it has barriers).
 
@@ -150,7 +150,7 @@ def _shards_intact(cache_dir: Path, shards: list[dict[str, Any]]) -> bool:
     return True
 
 
-def _encode_share(spec: CacheSpec, vae: AutoencoderKL, text_encoder: FrozenTextEncoder | None, rank: int,
+def _encode_share(spec: CacheSpec, vae: ImageEncoder, text_encoder: FrozenTextEncoder | None, rank: int,
                   world_size: int, writer: ShardWriter, resume: dict[str, Any]) -> None:
     # The cache fixes the crop (centre) and stores flips itself, so the pass reads unflipped centre crops.
     loader = data.iterate_once(spec.data.replace(crop="center", flip=False), batch_size=spec.batch_size,

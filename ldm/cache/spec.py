@@ -9,7 +9,10 @@ have been built with to be reused (see `ldm.cache.check`):
     text_encoder  the text encoder's fingerprint, or None when this run encodes text on the fly
     data          every DataConfig field that changes what a sample looks like (DATA_FIELDS_NOT_KEYED)
     data_files    a cheap fingerprint of the data's files (`ldm.cache.data_files`), or None if unchecked
-    dtype         storage dtypes of latents and text embeddings, and the frozen encoders' precision
+    dtype         storage dtypes of latents and text embeddings
+
+The frozen encoders' precision is in their own fingerprints (the autoencoder's `encode_dtype` from
+`autoencoder.frozen.FrozenEncoder.fingerprint`, the text encoder's `dtype`), so it is keyed too.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from ldm.cache.data_files import data_files_fingerprint
 
 CACHE_FORMAT = "ldm-latent-cache/2"
 StorageDtype = Literal["float32", "bfloat16", "float16"]
-EncoderPrecision = Literal["fp32", "bf16"]
 STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                                           "float16": torch.float16}
 # DataConfig fields that cannot change a cached sample: how failures are budgeted, how an endless
@@ -55,8 +57,6 @@ class CacheSpec:
     """Storage dtype of the posterior mean and std (small: 4x16x16 per view at 64 px)."""
     text_dtype: StorageDtype = "bfloat16"
     """Storage dtype of the text hidden states (77x768 per sample for CLIP: fp32 doubles the cache)."""
-    encoder_precision: EncoderPrecision = "fp32"
-    """Precision the frozen encoders run in while building: fp32, or bf16 autocast (see `native_encoder_precision`)."""
     check_data_files: bool = True
     """Key the data's file names, sizes and mtimes, so data edited in place is refused (one stat per file)."""
     batch_size: int = 32
@@ -80,13 +80,14 @@ class CacheSpec:
         for name in ("latent_dtype", "text_dtype"):
             if getattr(self, name) not in STORAGE_DTYPES:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {sorted(STORAGE_DTYPES)}")
-        if self.encoder_precision not in ("fp32", "bf16"):
-            problems.append(f"encoder_precision={self.encoder_precision!r} must be 'fp32' or 'bf16'")
         for name in ("batch_size", "samples_per_shard", "max_shard_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
         if self.num_workers < 0:
             problems.append(f"num_workers={self.num_workers} must be >= 0")
+        if getattr(self.data, "buckets", ()) or getattr(self.data, "sources", ()):
+            problems.append("the latent cache holds square images of one source: with --data.buckets or several "
+                            "--data sources, train without --cache-latents/--cache-text")
         if problems:
             raise ValueError("Invalid latent cache spec: " + "; ".join(problems) + ".")
 
@@ -104,8 +105,7 @@ class CacheSpec:
                 "text_encoder": None if self.text_fingerprint is None else json_ready(self.text_fingerprint),
                 "data": data_key(self.data),
                 "data_files": data_files_fingerprint(self.data) if self.check_data_files else None,
-                "dtype": {"latents": self.latent_dtype, "text": self.text_dtype,
-                          "encoders": self.encoder_precision}}
+                "dtype": {"latents": self.latent_dtype, "text": self.text_dtype}}
 
     def replace(self, **changes: Any) -> CacheSpec:
         return dataclasses.replace(self, **changes)
@@ -120,17 +120,3 @@ def data_key(data_cfg: data.DataConfig) -> dict[str, Any]:
 def json_ready(value: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(value))  # tuples become lists, so a key compares equal after a round trip
 
-
-def native_encoder_precision(device: torch.device | str) -> EncoderPrecision:
-    """bf16 where the device runs it natively (CUDA GPUs with bf16, CPUs with AMX or AVX512-BF16,
-    where oneDNN uses bf16 instructions), fp32 elsewhere (emulated bf16 is slower than fp32)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        try:
-            native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-        except AttributeError:  # an older torch without the probes: assume emulated
-            native = False
-        return "bf16" if native else "fp32"
-    return "fp32"
