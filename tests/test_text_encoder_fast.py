@@ -111,6 +111,9 @@ def test_dtype_option_in_the_spec_or_as_a_keyword(tiny_dirs: dict[str, Path]) ->
     assert load_text_encoder(f"hf:{bert}?dtype=auto").dtype == fastest_frozen_dtype("cpu")
     with pytest.raises(TextEncoderSpecError, match="both in the spec"):
         load_text_encoder(f"hf:{bert}?dtype=bf16", dtype="fp32")
+    # a caller's default (train_ldm: "auto") applies only where the user named no dtype
+    assert load_text_encoder(f"hf:{bert}", default_dtype="bf16").dtype == torch.bfloat16
+    assert load_text_encoder(f"hf:{bert}?dtype=fp32", default_dtype="bf16").dtype == torch.float32
 
 
 def test_auto_precision_is_bf16_only_where_it_is_faster() -> None:

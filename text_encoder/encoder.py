@@ -239,20 +239,22 @@ def load_text_encoder(
     spec: str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str | None = None,
+    default_dtype: torch.dtype | str = DEFAULT_DTYPE,
     **options: Any,
 ) -> FrozenTextEncoder:
     """Load the frozen encoder a ``--text-encoder`` spec names (syntax: ``text_encoder.spec``).
 
     ``dtype`` is the precision it computes in: a torch dtype, a name ("fp32", "bf16", ...) or "auto"
     (bf16 where ``device`` does bf16 faster than fp32, ``text_encoder.precision``); it may instead be
-    the spec's ``?dtype=``, and it is float32 when neither gives one. ``options`` are the spec's other
+    the spec's ``?dtype=``, and it is ``default_dtype`` (float32 unless the caller, e.g. a training
+    script, prefers "auto") when neither gives one. ``options`` are the spec's other
     keys as keywords (``layer=``, ``max_length=``, ``revision=``, ``null=``, ``allow_pickle=``,
     ``batch_size=``); giving one both ways is an error.
     """
     if isinstance(dtype, torch.dtype):
         dtype = dtype_name(dtype)
     config = parse_spec(spec, dtype=dtype, **options)
-    dtype = resolve_dtype(config.dtype or DEFAULT_DTYPE, device)
+    dtype = resolve_dtype(config.dtype or default_dtype, device)
     if config.backend == "openclip":
         from text_encoder.openclip_backend import load_openclip
 
