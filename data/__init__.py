@@ -2,15 +2,19 @@
 decoded safely into one sample format, split per process, resumable exactly.
 
 Public API (see docs/ARCHITECTURE.md, `data/`):
-    DataConfig, build_loader, iterate_once, CaptionedLoader, parse_source_spec, open_records,
-    TooManyBadSamples, DataConfigError, BadSample
+    DataConfig, build_loader, iterate_once, CaptionedLoader, PlannedLoader (buckets, mixed sources),
+    SourceConfig, parse_source_spec, open_records, resolve_buckets, TooManyBadSamples, DataConfigError,
+    BadSample
 """
 
 from data.bad_samples import TooManyBadSamples
+from data.buckets import resolve_buckets
 from data.config import DataConfig, DataConfigError
 from data.decode import BadSample
 from data.keys import key_to_filename, shard_key
 from data.loader import CaptionedLoader, build_loader, iterate_once
+from data.mix import SourceConfig
+from data.planned_loader import PlannedLoader
 from data.records import open_records
 from data.spec import SourceSpec, parse_source_spec
 
@@ -19,6 +23,8 @@ __all__ = [
     "CaptionedLoader",
     "DataConfig",
     "DataConfigError",
+    "PlannedLoader",
+    "SourceConfig",
     "SourceSpec",
     "TooManyBadSamples",
     "build_loader",
@@ -26,5 +32,6 @@ __all__ = [
     "key_to_filename",
     "open_records",
     "parse_source_spec",
+    "resolve_buckets",
     "shard_key",
 ]
