@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_pipeline_fixtures import single_thread, tiny_pipeline  # noqa: F401 (autouse fixture)
+from tiny import flip_bits, tiny_pipeline
 
 from ldm.generate import main
 
@@ -133,9 +133,7 @@ def test_clear_errors(model, tmp_path, capsys):
     flipped = tmp_path / "flipped"
     shutil.copytree(model_dir, flipped)
     weights = flipped / "vae" / "diffusion_pytorch_model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-5] ^= 1
-    weights.write_bytes(bytes(data))
+    flip_bits(weights, -5, 1)
     assert "fingerprint mismatch" in _error(capsys, "--model", str(flipped), "--prompt", "x", "--device", "cpu")
 
 

@@ -8,9 +8,8 @@ import shutil
 import pytest
 import torch
 from _pretrained_fixtures import hub_cache, sd_pipeline_dir, stock_unet, use_hub_cache
-from _tiny_runs import make_captioned_folder
-from test_pipeline_fixtures import single_thread, tiny_bert_dir, tiny_clip_dir, tiny_pipeline  # noqa: F401
 from text_encoder import FingerprintMismatch, load_text_encoder
+from tiny import flip_bits, make_captioned_folder, tiny_autoencoder_dir, tiny_bert_dir, tiny_clip_dir, tiny_pipeline
 
 from autoencoder.folder import read_latent_contract
 from ldm.init_from import InitFromError, check_stages, load_unet, resolve_unet_source, unet_config_from
@@ -19,11 +18,9 @@ from ldm.unet import UNET_PRESETS, unet_kwargs
 
 
 @pytest.fixture(scope="module")
-def ours(tmp_path_factory):
+def ours(tiny_pipeline_root):
     """One of our pipeline folders (tiny, CLIP text encoder) and the stage folders it was built from."""
-    root = tmp_path_factory.mktemp("ours")
-    tiny_pipeline(root).save_pretrained(root / "pipe")
-    return root
+    return tiny_pipeline_root
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +68,7 @@ def test_bad_sources_are_refused(ours, tmp_path):
     changed = tmp_path / "changed"
     shutil.copytree(ours / "pipe", changed)
     weights = changed / "unet" / "diffusion_pytorch_model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
+    flip_bits(weights, -1, 1)
     with pytest.raises(PipelineMismatchError, match="unet/diffusion_pytorch_model.safetensors has changed"):
         resolve_unet_source(str(changed))
     pickled = tmp_path / "pickled"
@@ -83,14 +78,12 @@ def test_bad_sources_are_refused(ours, tmp_path):
 
 
 def test_our_manifest_checks_the_autoencoder_and_text_encoder(ours, tmp_path):
-    from _tiny_runs import make_tiny_autoencoder_folder
-
     source = resolve_unet_source(str(ours / "pipe"))
     clip = load_text_encoder(f"hf:{ours / 'clip'}")
     same = read_latent_contract(ours / "vae").to_json_dict()
     assert check_stages(source, same, clip) == []
     images = make_captioned_folder(tmp_path / "img", n=4, size=32)
-    other = read_latent_contract(make_tiny_autoencoder_folder(tmp_path / "other_vae", images)).to_json_dict()
+    other = read_latent_contract(tiny_autoencoder_dir(tmp_path / "other_vae", images)).to_json_dict()
     with pytest.raises(InitFromError, match="another autoencoder's latents.*--allow-new-autoencoder"):
         check_stages(source, other, clip)
     (warning,) = check_stages(source, other, clip, allow_new_autoencoder=True)

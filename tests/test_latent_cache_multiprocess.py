@@ -18,12 +18,11 @@ N_IMAGES = 12
 @pytest.mark.slow
 def test_two_processes_build_reuse_and_read_disjoint_shares(tmp_path):
     # imported here: the launched script runs without tests/ on its path
-    from _tiny_runs import accelerate_cmd, make_captioned_folder, run
+    from tiny import make_captioned_folder, run, two_process_command
 
     images = make_captioned_folder(tmp_path / "images", n=N_IMAGES, size=24)
     out = tmp_path / "result.json"
-    run(accelerate_cmd("tests/test_latent_cache_multiprocess.py") + [str(images), str(tmp_path / "cache"), str(out)],
-        timeout=240)
+    run(two_process_command("tests/test_latent_cache_multiprocess.py", images, tmp_path / "cache", out), timeout=240)
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["num_processes"] == 2
     assert result["shards"] == ["rank000-00000", "rank001-00000"]

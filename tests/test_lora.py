@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from test_pipeline_fixtures import single_thread, tiny_pipeline  # noqa: F401 (autouse fixture)
+from tiny import tiny_pipeline
 
 from ldm.lora import LORA_WEIGHTS, LoRAConfig, add_lora, load_lora, lora_state_dict, merged_unet, save_lora
 from ldm.pipeline import LatentDiffusionPipeline

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
-from test_pipeline_fixtures import single_thread, tiny_pipeline  # noqa: F401 (autouse fixture)
+from tiny import tiny_pipeline
 
 from ldm.objective import NoiseScheduleConfig
 from ldm.pipeline import LatentDiffusionPipeline
