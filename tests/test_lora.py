@@ -145,8 +145,8 @@ def test_train_ldm_lora_from_a_stock_pipeline_loads_in_stock_diffusers(tmp_path,
     import json
 
     from _pretrained_fixtures import sd_pipeline_dir
-    from _tiny_runs import make_captioned_folder
     from PIL import Image
+    from tiny import make_captioned_folder
     from safetensors.torch import load_file
 
     from launch.import_vae import main as import_vae
