@@ -39,6 +39,12 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The text-encoder tests' ``hf:`` folders by name: ``clip``, ``t5``, ``bert`` (tiny.tiny_encoder_dirs)."""
+    return tiny.tiny_encoder_dirs(tmp_path_factory.mktemp("tiny_hf"))
+
+
+@pytest.fixture(scope="session")
 def captioned_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 coloured discs and squares at 32 px with their captions: the entry points' training data."""
     return tiny.make_captioned_folder(tmp_path_factory.mktemp("captioned") / "images")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tiny import TINY_OPEN_CLIP, make_captioned_folder, tiny_autoencoder_dir, tiny_pipeline
+from tiny import TINY_OPEN_CLIP, make_captioned_folder, perturbed, tiny_autoencoder_dir, tiny_pipeline
 
 PROMPT = "a red disc"
 N = 4  # images per guidance scale
@@ -44,11 +44,7 @@ def tiny_openclip_dir(root: Path) -> Path:
     folder = root / "openclip"
     folder.mkdir()
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
-    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(open_clip.create_model(f"local-dir:{folder}", load_weights=False))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     return folder
 

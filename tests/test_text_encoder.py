@@ -10,19 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from transformers import (
-    AutoConfig,
-    AutoTokenizer,
-    BertConfig,
-    BertModel,
-    BertTokenizer,
-    ByT5Tokenizer,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-)
+from tiny import letter_clip_tokenizer, save_perturbed
+from transformers import AutoConfig, AutoTokenizer, BertModel, BertTokenizer, CLIPTextModel
 
 from text_encoder import (
     FingerprintMismatch,
@@ -33,52 +22,6 @@ from text_encoder import (
 )
 
 PROMPTS = ["a photo of a cat", "", "the dog sat on a cat", "cat " * 40, "Ünïcödé & punctuation!?"]
-
-
-def _clip_tokenizer() -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over lowercase letters (byte-level: other characters become <|endoftext|>)."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {c: i for i, c in enumerate(letters)}
-    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
-    merges = [("a", "t</w>"), ("c", "at</w>"), ("o", "g</w>"), ("d", "og</w>"), ("t", "h"), ("th", "e</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)  # SD 1's (OpenAI's) convention: pad with end-of-text
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
-
-
-def _save(model: transformers.PreTrainedModel, tokenizer: object, folder: Path) -> Path:
-    torch.manual_seed(0)
-    with torch.no_grad():  # random LayerNorm/bias values, so no parameter is a trivial identity
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_hf")
-    clip_tok = _clip_tokenizer()
-    clip = CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                       num_attention_heads=2, max_position_embeddings=16, hidden_act="gelu",
-                       bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-                       pad_token_id=clip_tok.pad_token_id)  # fmt: skip
-    )
-    t5 = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=16, d_ff=64, num_layers=3, num_heads=2))
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "cat", "dog", "sat", "on", "##s"]
-    (root / "vocab.txt").write_text("\n".join(words) + "\n")
-    bert_tok = BertTokenizer(vocab=str(root / "vocab.txt"), model_max_length=24)
-    bert = BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=32))  # fmt: skip
-    return {
-        "clip": _save(clip, clip_tok, root / "clip"),
-        "t5": _save(t5, ByT5Tokenizer(), root / "t5"),
-        "bert": _save(bert, bert_tok, root / "bert"),
-    }
 
 
 SPECS = {  # ByT5 declares no maximum length, so its spec must give one
@@ -168,12 +111,12 @@ def test_penultimate_is_final_norm_of_the_second_to_last_block(tiny_dirs: dict[s
 
 def test_full_clip_checkpoint_loads_its_text_model(tmp_path: Path) -> None:
     """hf:openai/clip-vit-large-patch14 (SD 1) is a whole CLIPModel; only its text tower is used."""
-    tokenizer = _clip_tokenizer()
+    tokenizer = letter_clip_tokenizer()
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=16, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32)
     clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision)).eval()
-    _save(clip, tokenizer, tmp_path)
+    save_perturbed(clip, tokenizer, tmp_path)
     te = load_text_encoder(f"hf:{tmp_path}")
     ids = te.tokenizer(PROMPTS, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():

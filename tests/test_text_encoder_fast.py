@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_text_encoder import PROMPTS, SPECS, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
+from test_text_encoder import PROMPTS, SPECS
 
 from text_encoder import (
     FingerprintMismatch,
@@ -25,7 +25,7 @@ from text_encoder.tokens import tokenize
 
 
 @pytest.fixture(scope="module")
-def encoders(tiny_dirs: dict[str, Path]) -> dict[str, object]:  # noqa: F811
+def encoders(tiny_dirs: dict[str, Path]) -> dict[str, object]:
     return {name: load_text_encoder(spec.format(**tiny_dirs)) for name, spec in SPECS.items()}
 
 
@@ -55,7 +55,7 @@ def test_one_tokenisation_gives_the_stock_ids_and_the_truncation_count(encoders:
     assert tokens.truncated[-4:] == [False, True, True, False]  # exactly max_length tokens is not cut
 
 
-def test_tokenizer_runs_once_per_chunk_and_counts_every_occurrence(tiny_dirs: dict[str, Path]) -> None:  # noqa: F811
+def test_tokenizer_runs_once_per_chunk_and_counts_every_occurrence(tiny_dirs: dict[str, Path]) -> None:
     te = load_text_encoder(SPECS["bert"].format(**tiny_dirs), batch_size=2)
     calls = []
     tokenizer_call = type(te.tokenizer).__call__
@@ -96,7 +96,7 @@ def test_repeated_prompts_are_encoded_once_and_scattered_back(encoders: dict, na
     assert head.weight.grad is not None
 
 
-def test_dtype_option_in_the_spec_or_as_a_keyword(tiny_dirs: dict[str, Path]) -> None:  # noqa: F811
+def test_dtype_option_in_the_spec_or_as_a_keyword(tiny_dirs: dict[str, Path]) -> None:
     cfg = parse_spec("hf:x?dtype=bf16")
     assert cfg.dtype == "bfloat16" and cfg.to_spec() == "hf:x?dtype=bfloat16"
     assert parse_spec(cfg.to_spec()) == cfg and parse_spec("hf:x?dtype=auto").dtype == "auto"
@@ -127,7 +127,7 @@ def test_auto_precision_is_bf16_only_where_it_is_faster() -> None:
 
 
 @pytest.mark.parametrize("name", ["clip", "bert"])
-def test_precision_changes_dtype_alone_in_the_fingerprint(tiny_dirs: dict[str, Path], name: str) -> None:  # noqa: F811
+def test_precision_changes_dtype_alone_in_the_fingerprint(tiny_dirs: dict[str, Path], name: str) -> None:
     spec = SPECS[name].format(**tiny_dirs)
     fp32, bf16 = load_text_encoder(spec), load_text_encoder(spec, dtype="bf16")
     with pytest.raises(FingerprintMismatch) as caught:  # a cache or a training run: never mixed
@@ -143,7 +143,7 @@ def test_precision_changes_dtype_alone_in_the_fingerprint(tiny_dirs: dict[str, P
 
 
 def test_bf16_encoder_exports_float32_weights_that_reload_to_the_same_function(
-    tiny_dirs: dict[str, Path], tmp_path: Path  # noqa: F811
+    tiny_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     te = load_text_encoder(SPECS["clip"].format(**tiny_dirs), dtype="bf16")
     before = te.encode(PROMPTS).hidden

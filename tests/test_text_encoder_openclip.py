@@ -11,6 +11,7 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny import perturbed
 from transformers import AutoTokenizer, CLIPTextModel
 
 from text_encoder import check_fingerprint, load_text_encoder
@@ -27,20 +28,12 @@ MODEL_CFG = {
 PROMPTS = ["", "a photo of a cat", "Two DOGS, playing in the snow at 5 pm.", "naïve café 日本語", "word " * 100]
 
 
-def _randomised(model: torch.nn.Module) -> torch.nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():  # LayerNorms start as identities; perturb every parameter
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("tiny_openclip")
     (root / f"{ARCH}.json").write_text(json.dumps(MODEL_CFG))
     open_clip.add_model_config(root / f"{ARCH}.json")
-    model = _randomised(open_clip.create_model(ARCH))
+    model = perturbed(open_clip.create_model(ARCH)).eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(root / "weights.safetensors"))
     return {"root": root, "model": model, "weights": root / "weights.safetensors", "state": state}

@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 
 if TYPE_CHECKING:  # imported where used: the data tests need none of the model libraries
+    from transformers import CLIPTokenizer, PreTrainedModel
+
     from ldm.objective import NoiseScheduleConfig
     from ldm.pipeline import LatentDiffusionPipeline
 
@@ -102,6 +104,66 @@ def tiny_bert_dir(root: Path) -> Path:
     BertModel(config, add_pooling_layer=False).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with 0.05 N(0, 1) (seed 0) added to every parameter, so that no LayerNorm or bias is
+    left a trivial identity that would hide a wrong layer or a missing weight."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def letter_clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over lowercase letters with a few merges, 16 positions (byte-level: other
+    characters become <|endoftext|>, which also pads, as in SD 1 and OpenAI's CLIP)."""
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
+    merges = [("a", "t</w>"), ("c", "at</w>"), ("o", "g</w>"), ("d", "og</w>"), ("t", "h"), ("th", "e</w>")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
+
+
+def save_perturbed(model: PreTrainedModel, tokenizer: object, folder: Path) -> Path:
+    """``perturbed(model)`` and its tokenizer saved together as an ``hf:`` folder."""
+    perturbed(model).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_encoder_dirs(root: Path) -> dict[str, Path]:
+    """The text-encoder tests' three ``hf:`` folders, 3 layers and width 32 each, every weight perturbed:
+    ``clip`` (``letter_clip_tokenizer``), ``t5`` (ByT5 bytes, no declared maximum length) and ``bert``
+    (a 14-word vocabulary, 24 tokens)."""
+    from transformers import BertConfig, BertModel, BertTokenizer, ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
+    from transformers import T5Config, T5EncoderModel
+
+    clip_tok = letter_clip_tokenizer()
+    clip = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=2, max_position_embeddings=16, hidden_act="gelu",
+                       bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+                       pad_token_id=clip_tok.pad_token_id)  # fmt: skip
+    )
+    t5 = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=16, d_ff=64, num_layers=3, num_heads=2))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "cat", "dog", "sat", "on", "##s"]
+    (root / "vocab.txt").write_text("\n".join(words) + "\n")
+    bert_tok = BertTokenizer(vocab=str(root / "vocab.txt"), model_max_length=24)
+    bert = BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=32))  # fmt: skip
+    return {
+        "clip": save_perturbed(clip, clip_tok, root / "clip"),
+        "t5": save_perturbed(t5, ByT5Tokenizer(), root / "t5"),
+        "bert": save_perturbed(bert, bert_tok, root / "bert"),
+    }
 
 
 def tiny_autoencoder_dir(folder: Path, images: Path | None = None) -> Path:
