@@ -91,7 +91,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(arg, value, where)
             except (TypeError, ValueError, ConfigError):
                 continue
-        return value
+        raise ConfigError(f"{where}: {value!r} fits none of {tp}")
     if origin is tuple and isinstance(value, list):
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -100,10 +100,18 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is list and isinstance(value, list):
         (arg,) = typing.get_args(tp) or (Any,)
         return [_coerce(arg, v, where) for v in value]
-    if tp is Path and isinstance(value, str):
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{where}: expected a path, got {value!r}")
         return Path(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (int, float, bool) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
+        # A value of another type would pass through to the loop ("10" steps, true as a learning rate).
+        # (str fields are left to their config: DataConfig.sources turns {...} entries into strings.)
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if dataclasses.is_dataclass(tp) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
     return value
 
 
@@ -138,6 +146,8 @@ def merge_into(base: T, data: dict[str, Any], where: str = "config") -> T:
         current = getattr(base, k)
         if dataclasses.is_dataclass(current) and isinstance(v, dict):
             changes[k] = merge_into(current, v, f"{where}.{k}")
+        elif dataclasses.is_dataclass(current):
+            raise ConfigError(f"{where}.{k}: expected a mapping of {type(current).__name__} fields, got {v!r}")
         else:
             changes[k] = _coerce(hints[k], v, f"{where}.{k}")
     return dataclasses.replace(base, **changes)

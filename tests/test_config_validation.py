@@ -86,3 +86,29 @@ def test_every_preset_is_valid():
 
     for preset in [*LDM.values(), *VAE.values()]:
         type(preset).__post_init__(preset)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ({"run": {"max_steps": "10"}}, r"run\.max_steps: expected int, got '10'"),
+    ({"run": 5}, r"run: expected a mapping of RunConfig fields, got 5"),
+    ({"lr": True}, r"lr: expected float, got True"),
+    ({"cache_dir": ["a"]}, r"cache_dir: \['a'\] fits none of"),
+    ({"unet": {"layers_per_block": 1.5}}, r"unet\.layers_per_block: expected int, got 1\.5"),
+])
+def test_a_config_file_value_of_the_wrong_type_is_refused(tmp_path, content, expected):
+    from launch.train_ldm import PRESETS, TrainLDMConfig
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(TrainLDMConfig, PRESETS, ["--preset", "tiny", "--config", str(path)])
+
+
+def test_a_saved_config_json_still_loads_as_a_config_file(tmp_path):
+    from launch.train_ldm import PRESETS, TrainLDMConfig
+    from ldm.cli import to_dict
+
+    cfg = PRESETS["sd15"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(to_dict(cfg)))
+    assert parse_config(TrainLDMConfig, PRESETS, ["--preset", "tiny", "--config", str(path)]) == cfg

@@ -30,6 +30,7 @@ from launch.training.resume_check import ResumeDecision, compare, kind_of
     ("run.batch_size", 4, 8, "override"),
     ("run.ema_decay", 0.99, 0.999, "override"),
     ("run.ema_decay", 0.0, 0.999, "refused"),
+    ("run.seed", 0, 1, "refused"),
     ("unet.block_out_channels", [16, 32], [32, 64], "refused"),
     ("data.source", "a", "b", "refused"),
     ("data.cache_dir", None, "x", "live"),

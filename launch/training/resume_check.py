@@ -8,13 +8,14 @@ compared with that record, field by field, and each difference falls in one of t
 refused
     the checkpoint would be meaningless with the new value: another autoencoder or text encoder,
     another model shape, objective or data, caching switched on or off (the saved data position
-    belongs to the other loader), EMA switched on or off. No flag overrides these: start a new run.
+    belongs to the other loader), EMA switched on or off, another seed (the saved data order and
+    random streams are the old seed's). No flag overrides these: start a new run.
 live
     legitimate mid-run: more steps, a longer time budget, log/checkpoint/validation/sample cadence,
     workers, keep-last, tracker, what is evaluated, a moved stage folder with the same fingerprint.
     Applied, printed and recorded in ``config_history.jsonl``.
 override
-    everything else (learning rate, batch size, seed, precision, loss weights, ...): refused unless
+    everything else (learning rate, batch size, precision, loss weights, ...): refused unless
     named in ``--run.allow-changes`` (a field's dotted name such as ``run.batch_size``, its last
     part such as ``lr``, or ``all``); then applied and recorded in ``config_history.jsonl``.
     ``config.json`` always keeps the config the run was started with.
@@ -133,6 +134,8 @@ def kind_of(key: str, old: Any, new: Any) -> str:
     """"refused", "live" or "override" for a change of ``key`` from ``old`` to ``new``."""
     if key == "run.ema_decay" and (old == 0) != (new == 0):
         return "refused"  # the EMA module appears or disappears: the checkpoint has no (or an unused) EMA
+    if key == "run.seed":
+        return "refused"  # the saved data order and random streams belong to the old seed (the loaders refuse it too)
     if key in LIVE_FIELDS:
         return "live"
     if key in OVERRIDABLE_UNDER_REFUSED:
