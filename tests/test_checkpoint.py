@@ -97,6 +97,7 @@ def test_keep_last_rotates_only_after_a_complete_save(tmp_path, monkeypatch):
         train_steps(state, 1)
         mgr.save(state)
     assert [p.name for p in mgr.complete_checkpoints()] == [step_dir_name(2), step_dir_name(3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(2), step_dir_name(3)]  # nothing half-deleted
 
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")

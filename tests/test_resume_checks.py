@@ -232,7 +232,10 @@ def test_autoencoder_run_refuses_another_shape_and_needs_the_flag_for_batch_size
     assert "model.latent_channels: 4 -> 8" in message and "size mismatch" not in message
     message = refused(main, args + ["--run.max-steps", "6", "--run.batch-size", "2"])
     assert "--run.allow-changes run.batch_size" in message
+    leftover = run / ".model.tmp-deadbeef"  # what a kill during the model export leaves
+    leftover.mkdir()
     main(args + ["--run.max-steps", "6", "--run.batch-size", "2", "--run.allow-changes", "run.batch_size"])
+    assert not leftover.exists()
     history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["changes"]["run.batch_size"] == {"old": 4, "new": 2, "kind": "override"}
     assert (run / "model" / "finished.json").is_file()

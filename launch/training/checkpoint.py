@@ -353,8 +353,13 @@ class CheckpointManager:
         # damaged at resume, and letting it count would delete the newest good checkpoint.
         complete = [p for p in self.complete_checkpoints() if int(_STEP_DIR.match(p.name).group(1)) <= saved_step]
         for old in complete[: max(0, len(complete) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.glob(".tmp-step_*"):
+            # Renamed first: a kill halfway through the delete leaves a hidden folder, never a step_
+            # folder with files missing that a resume would have to reject.
+            doomed = self.root / f".old-{old.name}"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        for stale in [*self.root.glob(".tmp-step_*"), *self.root.glob(".old-step_*")]:
             shutil.rmtree(stale, ignore_errors=True)
 
     # -- loading -----------------------------------------------------------------------------
