@@ -124,3 +124,39 @@ def test_reconstruct_without_snapshots_says_how_to_get_them(tmp_path):
     track(trajectory(20), [0.05, 0.10], tmp_path, every=10)
     with pytest.raises(ValueError, match=r"snapshots exist at steps \[10, 20\]"):
         reconstruct(tmp_path, 0.1, step=15)
+
+
+def test_train_ldm_snapshots_resume_bitwise_and_the_command_writes_the_rebuilt_pipeline(
+        captioned_images, tiny_autoencoder, tmp_path):
+    import safetensors.torch
+
+    from launch.posthoc_ema import main as posthoc_main
+    from launch.train_ldm import main as train_main
+    from ldm.pipeline import LatentDiffusionPipeline
+    from tiny import sha256
+
+    def args(out, *extra):
+        return ["--preset", "tiny", "--data.source", str(captioned_images), "--vae", str(tiny_autoencoder),
+                "--text-encoder", "minilm", "--run.output-dir", str(out), "--posthoc-ema.snapshot-every", "2",
+                "--sample-every", "100", *extra]
+
+    train_main(args(tmp_path / "straight"))
+    train_main(args(tmp_path / "split", "--run.max-steps", "4"))
+    train_main(args(tmp_path / "split"))  # resumes at step 4: the tracked averages come from the checkpoint
+    names = lambda run: sorted(p.name for p in (run / "posthoc_ema").iterdir())
+    assert names(tmp_path / "straight") == names(tmp_path / "split") == [
+        f"snapshot_{s:08d}.safetensors" for s in (2, 4, 6, 8)]
+    for s in (6, 8):
+        name = f"posthoc_ema/snapshot_{s:08d}.safetensors"
+        assert sha256(tmp_path / "straight" / name) == sha256(tmp_path / "split" / name)
+
+    out = tmp_path / "rebuilt"
+    posthoc_main(["--run", str(tmp_path / "straight"), "--sigma-rel", "0.10", "--out", str(out)])
+    pipe = LatentDiffusionPipeline.from_pretrained(out)
+    tracked = safetensors.torch.load_file(str(tmp_path / "straight" / "posthoc_ema" / "snapshot_00000008.safetensors"))
+    for name, p in pipe.unet.named_parameters():
+        torch.testing.assert_close(p.detach(), tracked[f"1/{name}"], rtol=1e-4, atol=1e-5)
+    assert pipe.training_config["posthoc_ema"]["sigma_rel"] == 0.10 and pipe.training_config["posthoc_ema"]["step"] == 8
+    assert pipe(["a red disc"], steps=2, guidance_scale=3.0, seed=0)[0].size == (32, 32)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        posthoc_main(["--run", str(tmp_path / "straight"), "--sigma-rel", "0.10", "--out", str(out)])

@@ -183,14 +183,15 @@ class PowerEMA(torch.nn.Module):
         """``folder/snapshot_STEP.safetensors`` with every profile's average, written atomically."""
         tensors = {f"{k}/{n}": w.detach().cpu().contiguous() for k in range(len(self.sigma_rels))
                    for n, w in self.weights(k).items()}
-        meta = {"format": SNAPSHOT_FORMAT, "step": str(step), "updates": str(self.updates),
-                "sigma_rels": json.dumps(self.sigma_rels)}
+        # One metadata key: safetensors writes several in hash order, and a resumed run must write the same bytes.
+        info = {"format": SNAPSHOT_FORMAT, "step": step, "updates": self.updates, "sigma_rels": list(self.sigma_rels)}
         path = Path(folder) / f"snapshot_{step:08d}.safetensors"
-        write_bytes_atomic(path, safetensors.torch.save(tensors, metadata=meta))
+        write_bytes_atomic(path, safetensors.torch.save(tensors, metadata={SNAPSHOT_KEY: json.dumps(info, sort_keys=True)}))
         return path
 
 
 SNAPSHOT_FORMAT = "ldm-phema/1"
+SNAPSHOT_KEY = "posthoc_ema"
 
 
 @dataclass(frozen=True)
@@ -208,11 +209,11 @@ def list_snapshots(folder: Path) -> list[Snapshot]:
     out = []
     for path in sorted(Path(folder).glob("snapshot_*.safetensors")):
         with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = json.loads((f.metadata() or {}).get(SNAPSHOT_KEY, "{}"))
         if meta.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(f"{path} is not a post-hoc EMA snapshot (format {meta.get('format')!r}, "
                              f"expected {SNAPSHOT_FORMAT!r})")
-        out.append(Snapshot(path, int(meta["step"]), int(meta["updates"]), tuple(json.loads(meta["sigma_rels"]))))
+        out.append(Snapshot(path, int(meta["step"]), int(meta["updates"]), tuple(meta["sigma_rels"])))
     return sorted(out, key=lambda s: s.step)
 
 

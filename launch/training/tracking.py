@@ -71,7 +71,18 @@ class MetricsLogger:
             self.wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
 
     def log_image(self, step: int, tag: str, path: Path) -> None:
-        if self.enabled and self.wandb is not None:
+        """A picture already saved as ``path`` (e.g. a sample grid) to the tracker, under ``tag``."""
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as im:
+                pixels = np.asarray(im.convert("RGB"))  # [H, W, 3] uint8
+            self.tb.add_image(tag, pixels, step, dataformats="HWC")
+            self.tb.flush()
+        if self.wandb is not None:
             import wandb
 
             self.wandb.log({tag: wandb.Image(str(path))}, step=step)
