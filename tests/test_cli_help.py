@@ -17,18 +17,26 @@ import re
 import textwrap
 import types
 import typing
+from pathlib import Path
 
 import pytest
 
-ENTRY_POINTS = {
-    "launch.train_vae": "TrainVAEConfig",
-    "launch.train_ldm": "TrainLDMConfig",
-    "launch.prepare_data": "PrepareDataConfig",
-    "launch.evaluate": "EvaluateConfig",
-    "launch.demo": "DemoConfig",
-    "launch.import_vae": "ImportVAEConfig",
-    "ldm.generate": "GenerateConfig",
-}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def entry_points() -> dict[str, str]:
+    """{module: config class} of every command: each file of launch/ and ldm/ that calls parse_config(CLS, ...)."""
+    found = {}
+    for path in sorted([*(ROOT / "launch").glob("*.py"), *(ROOT / "ldm").glob("*.py")]):
+        if path.parent.name == "ldm" and path.name == "cli.py":
+            continue
+        match = re.search(r"parse_config\(\s*(\w+)", path.read_text(encoding="utf-8"))
+        if match:
+            found[f"{path.parent.name}.{path.stem}"] = match.group(1)
+    return found
+
+
+ENTRY_POINTS = entry_points()
 
 
 def _nested_dataclasses(tp) -> list[type]:
@@ -77,7 +85,9 @@ def _norm(text: str | None) -> str:
 CLASSES = config_classes()
 
 
-def test_the_walk_reaches_the_nested_configs():
+def test_the_walk_reaches_every_command_and_the_nested_configs():
+    assert {"launch.train_vae", "launch.train_ldm", "launch.prepare_data", "launch.evaluate", "launch.demo",
+            "launch.import_vae", "ldm.generate"} <= set(ENTRY_POINTS)
     names = {c.__name__ for c in CLASSES}
     assert {"RunConfig", "DataConfig", "UNetConfig", "NoiseScheduleConfig", "DiffusionConfig", "AutoencoderConfig",
             "AutoencoderLossConfig", "DiscriminatorConfig"} <= names
