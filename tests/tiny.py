@@ -166,20 +166,22 @@ def tiny_encoder_dirs(root: Path) -> dict[str, Path]:
     }
 
 
-def tiny_autoencoder_dir(folder: Path, images: Path | None = None) -> Path:
-    """Stage 1's ``tiny`` autoencoder (f2, random, seed 0) saved by stage 1's own code into ``folder``.
+def tiny_autoencoder_dir(folder: Path, images: Path | None = None, seed: int = 0, **changes: object) -> Path:
+    """Stage 1's ``tiny`` autoencoder (f2, random from ``seed``) saved by stage 1's own code into
+    ``folder``; ``changes`` replace fields of the preset (``latent_channels=8``).
 
     With ``images`` its latent statistics are measured on them and folded, as training does;
     without, the statistics are the identity (mean 0, std 1)."""
     from autoencoder import AUTOENCODER_PRESETS, LatentContract, build_autoencoder, save_autoencoder
     from autoencoder.latents import LatentStatistics, fold_latent_statistics
 
-    torch.manual_seed(0)
-    cfg = AUTOENCODER_PRESETS["tiny"]
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(AUTOENCODER_PRESETS["tiny"], **changes)
     vae = build_autoencoder(cfg).eval()
     if images is None:
-        contract = LatentContract(latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4, folded=True, autoencoder_config=cfg,
-                                  num_values=1)  # fmt: skip
+        channels = cfg.latent_channels
+        contract = LatentContract(latent_mean=(0.0,) * channels, latent_std=(1.0,) * channels, folded=True,
+                                  autoencoder_config=cfg, num_values=1)  # fmt: skip
     else:
         pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(images.glob("*.png"))])
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
