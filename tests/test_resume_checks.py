@@ -262,3 +262,39 @@ def test_a_second_launch_into_a_folder_being_trained_is_refused(ldm_run, caption
         holder.wait()
     main(ldm_args(captioned_images, tiny_autoencoder, run, "--run.max-steps", "5"))  # the lock died with its holder
     assert checkpoint_names(run)[-1] == "step_00000005"
+
+
+class _Stub:
+    """The accelerator methods the resume check uses, for one process."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def __init__(self):
+        self.printed = []
+
+    def print(self, *args):
+        self.printed.append(" ".join(map(str, args)))
+
+    def wait_for_everyone(self):
+        pass
+
+    def end_training(self):
+        pass
+
+
+def test_a_checkpoint_from_before_records_is_compared_with_config_json(tmp_path):
+    from launch.training.checkpoint import CheckpointManager, TrainState
+    from launch.training.config import RunConfig
+    from launch.training.resume_check import ResumeRefused
+    from launch.training.run import check_resume
+    from ldm.cli import to_dict
+
+    run = RunConfig(output_dir=tmp_path, max_steps=8)
+    model = torch.nn.Linear(2, 2)
+    CheckpointManager(tmp_path / "checkpoints", _Stub()).save(TrainState(modules={"m": model}, step=3))
+    (tmp_path / "config.json").write_text(json.dumps({"lr": 0.1, "run": to_dict(run)}))
+    acc = _Stub()
+    with pytest.raises(ResumeRefused, match=r"lr: 0\.1 -> 0\.2"):
+        check_resume(acc, run, config={"lr": 0.2, "run": to_dict(run)}, stages={"autoencoder": {"x": 1}})
+    check_resume(acc, run, config={"lr": 0.1, "run": to_dict(run)}, stages={"autoencoder": {"x": 1}})
+    assert any("records no fingerprint of autoencoder" in line for line in acc.printed)
