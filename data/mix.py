@@ -100,3 +100,28 @@ def mix_problems(entries: tuple[str, ...]) -> list[str]:
 def mixed_sources(cfg: DataConfig) -> list[SourceConfig]:
     """The sources a config reads: its `sources`, or `source` alone."""
     return [parse_source_entry(e) for e in cfg.sources] if cfg.sources else [SourceConfig(cfg.source)]
+
+
+def expand_data_flags(args: list[str]) -> list[str]:
+    """The `--data SPEC` shorthand: once, `--data.source SPEC`; given several times, one
+    `--data.sources SPEC1 SPEC2 ...` (at the place of the first). Other arguments are kept as they are."""
+    specs: list[str] = []
+    out: list[str] = []
+    first = -1
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--data" and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value, i = args[i + 1], i + 2
+        elif arg.startswith("--data="):
+            value, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        first = len(out) if first < 0 else first
+        specs.append(value)
+    if not specs:
+        return out
+    flag = ["--data.source", specs[0]] if len(specs) == 1 else ["--data.sources", *specs]
+    return out[:first] + flag + out[first:]

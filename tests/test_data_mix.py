@@ -151,3 +151,13 @@ def test_every_cli_form_parses(two, tmp_path):
                                            "buckets": "sdxl"}}))
     cfg = parse_config(_Entry, args=["--config", str(config)])
     assert cfg.data.sources == (f"{a}#repeat=3&caption_column=alt", b) and cfg.data.buckets == ("sdxl",)
+
+
+def test_data_given_several_times_becomes_one_sources_list():
+    from data.mix import expand_data_flags
+
+    assert expand_data_flags(["--data", "a", "--run.steps", "3"]) == ["--data.source", "a", "--run.steps", "3"]
+    assert expand_data_flags(["--x", "1", "--data", "a#weight=3", "--data=b#weight=1", "--y"]) == [
+        "--x", "1", "--data.sources", "a#weight=3", "b#weight=1", "--y"]
+    assert expand_data_flags(["--data.caption-column", "alt", "--data", "--help"]) == [
+        "--data.caption-column", "alt", "--data", "--help"]  # no value: left for tyro to complain about
