@@ -20,8 +20,16 @@ import ldm.cache.build as build_module
 from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
 from autoencoder.frozen import FrozenEncoder
 from foundation import sha256_file
-from ldm.cache import CacheSpec, StaleCacheError, build_cache, cache_is_valid, data_files_fingerprint, ensure_cache, \
-    open_cache
+from ldm.cache import (
+    CacheError,
+    CacheSpec,
+    StaleCacheError,
+    build_cache,
+    cache_is_valid,
+    data_files_fingerprint,
+    ensure_cache,
+    open_cache,
+)
 from text_encoder import load_text_encoder
 
 N_IMAGES = 10
@@ -204,3 +212,65 @@ def test_spec_refuses_bad_values(tmp_path, images):
     with pytest.raises(ValueError, match="text_fingerprint"):
         build_cache(_spec(images, tmp_path), vae=None, text_encoder=object(), rank=0, world_size=1,
                     barrier=_no_barrier)
+
+
+_KILLED_BUILD = """
+import os, signal, sys
+from pathlib import Path
+import torch
+import data
+import ldm.cache.build as build_module
+from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
+from ldm.cache import CacheSpec, build_cache
+
+real, calls = build_module.encode_batch, []
+
+def encode(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+build_module.encode_batch = encode
+torch.manual_seed(0)
+vae = build_autoencoder(AUTOENCODER_PRESETS["tiny"]).eval()
+cfg = data.DataConfig(source=sys.argv[1], resolution=16, flip=True)
+spec = CacheSpec(data=cfg, cache_dir=Path(sys.argv[2]), vae_fingerprint={"weights_sha256": "a" * 64, "config": "tiny"},
+                 batch_size=3, samples_per_shard=4)
+build_cache(spec, vae=vae, text_encoder=None, rank=0, world_size=1, barrier=lambda: None)
+"""
+
+
+def test_sigkilled_build_resumes_to_the_same_bytes(tmp_path, images, vae):
+    import subprocess
+    import sys
+
+    straight = _spec(images, tmp_path / "straight")
+    _ensure(straight, vae)
+    killed = straight.replace(cache_dir=tmp_path / "killed")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BUILD, str(images), str(killed.cache_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (killed.cache_dir / "rank000-00000.safetensors").is_file()
+    assert not (killed.cache_dir / "cache_manifest.json").exists() and not cache_is_valid(killed.cache_dir, killed.key)
+    resumed = _ensure(killed, vae)
+    assert len(resumed) == N_IMAGES
+    for name in resumed.manifest["files"]:
+        assert sha256_file(killed.cache_dir / name) == sha256_file(straight.cache_dir / name), name
+
+
+def test_large_caches_are_checked_by_size_only_unless_asked(tmp_path, images, vae, monkeypatch):
+    import ldm.cache.check as check_module
+
+    spec = _spec(images, tmp_path, flip=False)
+    _ensure(spec, vae)
+    shard = tmp_path / "rank000-00000.safetensors"
+    payload = bytearray(shard.read_bytes())
+    payload[-1] ^= 0xFF
+    shard.write_bytes(bytes(payload))
+    with pytest.raises(CacheError, match="does not match its sha256"):
+        _ensure(spec, vae)  # verify_sha256=None: a small cache is hashed
+    monkeypatch.setattr(check_module, "VERIFY_LIMIT_BYTES", 100)
+    assert len(_ensure(spec, vae)) == N_IMAGES  # "large": sizes only
+    with pytest.raises(CacheError, match="does not match its sha256"):
+        _ensure(spec.replace(verify_sha256=True), vae)

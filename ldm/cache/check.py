@@ -19,6 +19,7 @@ from text_encoder.fingerprint import INFORMATIONAL_FIELDS
 MANIFEST_NAME = "cache_manifest.json"
 NULL_TEXT_NAME = "null_text.safetensors"
 _ADVICE = "delete the folder or pass another --cache-dir"
+VERIFY_LIMIT_BYTES = 16 << 30  # verify_sha256=None hashes caches up to this size on open (beyond: sizes only)
 _COMPONENT_NAMES = {"vae": "autoencoder", "text_encoder": "text encoder", "data": "data spec",
                     "data_files": "set of data files", "dtype": "storage dtype or encoder precision",
                     "format": "cache format"}
@@ -103,12 +104,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def open_cache(cache_dir: str | Path, expected: dict[str, Any], *, verify_sha256: bool = True,
+def open_cache(cache_dir: str | Path, expected: dict[str, Any], *, verify_sha256: bool | None = True,
                in_memory: bool | None = None) -> LatentCache:
     """Open a finished cache built with `expected` (a `CacheSpec.key`), or raise a CacheError.
 
     Always checks that every shard file exists with its recorded size; `verify_sha256` also hashes
-    them (it reads the whole cache once; turn it off for caches of hundreds of GB). `in_memory`:
+    them (it reads the whole cache once; None: only caches up to VERIFY_LIMIT_BYTES). `in_memory`:
     see `ldm.cache.reader` (None picks by size).
     """
     cache_dir = Path(cache_dir)
@@ -126,7 +127,7 @@ def cache_is_valid(cache_dir: str | Path, expected: dict[str, Any], *, verify_sh
     return True
 
 
-def _checked_manifest(cache_dir: Path, expected: dict[str, Any], verify_sha256: bool) -> dict[str, Any]:
+def _checked_manifest(cache_dir: Path, expected: dict[str, Any], verify_sha256: bool | None) -> dict[str, Any]:
     manifest_path = cache_dir / MANIFEST_NAME
     if not manifest_path.is_file():
         raise IncompleteCacheError(
@@ -135,6 +136,8 @@ def _checked_manifest(cache_dir: Path, expected: dict[str, Any], verify_sha256: 
         )
     manifest = read_manifest(manifest_path)
     check_key(cache_dir, manifest.get("key", {}), expected)
+    if verify_sha256 is None:
+        verify_sha256 = sum(info["bytes"] for info in manifest["files"].values()) <= VERIFY_LIMIT_BYTES
     for name, info in manifest["files"].items():
         path = cache_dir / name
         if not path.is_file() or path.stat().st_size != info["bytes"]:

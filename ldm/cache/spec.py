@@ -67,8 +67,8 @@ class CacheSpec:
     """...and at most this many bytes of tensors (a shard always holds at least one sample)."""
     num_workers: int = 0
     """DataLoader workers decoding images while the main process encodes."""
-    verify_sha256: bool = True
-    """Hash every shard when opening (reads the whole cache once; off for caches of hundreds of GB)."""
+    verify_sha256: bool | None = None
+    """Hash every shard when opening (reads the whole cache); None: for caches up to 16 GB, sizes only beyond."""
     in_memory: bool | None = None
     """Load every shard into memory (True), stream rows from memory-mapped shards (False), or pick by size."""
 
