@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from data.config import DataConfig, DataConfigError
+from data.config import DataConfig
 from data.stream import MapSource, ShardPlan, _worker_slot, collate, derived_seed, lane_shard_items, process_record
 
 # A lane that draws this many samples beyond a batch without filling it reports the sub-stream dead.
