@@ -20,7 +20,12 @@ lane's position {"step", "streams": {k: position}} is all it needs to resume. Wo
 lanes w, w + K, ... and items come out round robin over lanes, so the order depends on the lane
 count only (as for plain shards, data/stream.py).
 
-Sub-streams keep their own epochs: a small bucket is re-permuted more often than a large one.
+Sub-streams keep their own epochs: a small bucket is re-permuted more often than a large one. So do
+lanes: lanes reach the end of their part of a permutation at different steps, so a sample may come
+round again on one lane before another lane has read all of its part (every sample of a part is
+read once per sub-epoch of its lane; across lanes and ranks the parts of one permutation are
+disjoint). Shard sub-streams of one source share its shuffle block (split over its buckets), so a
+lane buffers about one block whatever the number of buckets.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ batches returned so far, saved and restored with the state), `bucket_histogram` 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,12 @@ class PlannedLoader:
         self.streams: list[SubStream] = []
         for i, source_cfg in enumerate(self.cfgs):
             self._add_source(i, source_cfg)
+        for i, source_cfg in enumerate(self.cfgs):
+            # A lane holds one shuffle block per shard sub-stream it reads: split the block over a
+            # source's buckets so memory stays about one block per lane (e.g. 41 SDXL buckets).
+            n = sum(1 for s in self.streams if s.source == i and s.shards is not None)
+            if n > 1:
+                self.cfgs[i] = source_cfg.replace(shuffle_block=max(8, math.ceil(source_cfg.shuffle_block / n)))
         weights = [s.weight for s in self.mix] if self.mix[0].weight is not None else None
         self.counts = batch_counts(self.streams, [s.repeat for s in self.mix], weights, batch_size, world_size)
         if endless and not sum(self.counts):
