@@ -189,6 +189,9 @@ def test_shards_are_bucketed_by_prepare_data_and_read_one_bucket_per_batch(mixed
     resumed = build_loader(cfg_for(str(out)), batch_size=2, seed=0, world_size=2, rank=1)
     resumed.load_state_dict(state)
     assert same_batches(rest, take(resumed, 6))
+    once = {k: tuple(b["pixel_values"].shape[-2:]) for r in range(2)
+            for b in iterate_once(cfg_for(str(out)), batch_size=3, rank=r, world_size=2) for k in b["keys"]}
+    assert len(once) == sum(COUNTS.values()) and all(s == EXPECTED_BUCKET[kind(k)] for k, s in once.items())
 
 
 def test_unbucketed_shards_with_buckets_say_how_to_prepare_them(tmp_path):
