@@ -93,3 +93,13 @@ def test_cli_refuses_unknown_fields_and_presets(tmp_path):
         parse_config(RunConfig, None, ["--config", str(bad)])
     with pytest.raises(ConfigError, match="unknown preset"):
         parse_config(RunConfig, {"a": RunConfig()}, ["--preset", "b"])
+
+
+@pytest.mark.parametrize("marker", [b"\xff not utf-8", b"[1]", b'{"step": "x", "train_seconds": 1}', b"{}", b""])
+def test_a_damaged_finished_marker_means_not_finished(tmp_path, marker):
+    from launch.training.run import FINISHED_MARKER, mark_finished, run_finished
+
+    mark_finished(tmp_path, 8, 12.5)
+    assert run_finished(tmp_path, RunConfig(max_steps=8)) and not run_finished(tmp_path, RunConfig(max_steps=9))
+    (tmp_path / FINISHED_MARKER).write_bytes(marker)
+    assert not run_finished(tmp_path, RunConfig(max_steps=8))  # resumed and exported again, not a crash
