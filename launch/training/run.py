@@ -39,10 +39,10 @@ from typing import Any, NoReturn
 import torch
 
 from foundation import write_json_atomic
+from launch.training import run_lock
 from launch.training.accelerator import check_ranks_in_sync
 from launch.training.checkpoint import CheckpointError, CheckpointManager, TrainState
 from launch.training.config import RunConfig
-from launch.training import run_lock
 from launch.training.guard import PreemptionFlag, StepGuard
 from launch.training.resume_check import (ResumeDecision, ResumeRefused, append_history, check_record, normalise,
                                           remember_hyperparameters, restore_hyperparameters)
