@@ -20,7 +20,8 @@ SCRIPT = textwrap.dedent("""
     import data
 
     caught = []
-    cfg = data.DataConfig(source=sys.argv[1], resolution=16)
+    buckets = ("sdxl",) if sys.argv[3] == "buckets" else ()
+    cfg = data.DataConfig(source=sys.argv[1], resolution=64 if buckets else 16, buckets=buckets)
     kwargs = dict(batch_size=2, seed=7, num_workers=2)
     loader = data.build_loader(cfg, **kwargs)
     keys = [next(loader)["keys"]]
@@ -37,10 +38,10 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
-def test_workers_ignore_a_process_group_signal_and_the_main_process_reads_on(tmp_path, signal_name):
+@pytest.mark.parametrize(("signal_name", "loader"), [("SIGTERM", "plain"), ("SIGUSR1", "plain"), ("SIGTERM", "buckets")])
+def test_workers_ignore_a_process_group_signal_and_the_main_process_reads_on(tmp_path, signal_name, loader):
     fx.make_image_folder(tmp_path / "folder", 12)
-    result = run([sys.executable, "-c", SCRIPT, str(tmp_path / "folder"), signal_name], timeout=120,
+    result = run([sys.executable, "-c", SCRIPT, str(tmp_path / "folder"), signal_name, loader], timeout=120,
                  start_new_session=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["caught"] == [signal_name], "the main process's own handler must see the signal"
