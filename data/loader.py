@@ -220,6 +220,11 @@ class CaptionedLoader:
         return self.tally.seen
 
     @property
+    def source_sample_counts(self) -> dict[str, int]:
+        """Samples the source contributed to the batches returned on this rank (as PlannedLoader's)."""
+        return {self.cfg.source: self.tally.seen - self.tally.total_bad}
+
+    @property
     def epoch(self) -> int:
         """The epoch being read (for shards: the oldest epoch any lane is still in)."""
         if self.source is not None:

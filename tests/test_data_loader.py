@@ -80,6 +80,7 @@ def test_resume_gives_exactly_the_uninterrupted_batches(source, request):
     resumed.load_state_dict(state)
     assert same_batches(rest, take(resumed, 6))
     assert resumed.bad_sample_counts == loader.bad_sample_counts
+    assert resumed.source_sample_counts == loader.source_sample_counts == {spec: 4 * 9}
 
 
 def test_shard_order_depends_on_lanes_not_workers_and_resumes_with_fewer_workers(shards):
