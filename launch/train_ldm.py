@@ -22,11 +22,12 @@ import torch
 
 from autoencoder.folder import load_autoencoder
 from data import DataConfig
+from launch.evaluation.recognisability import quality_message
 from launch.training import ldm_stage
 from launch.training.accelerator import make_generators, setup_accelerator
 from launch.training.checkpoint import TrainState
 from launch.training.config import RunConfig
-from launch.training.ema import EMA, averaged_copy
+from launch.training.ema import EMA, PostHocEMAConfig, PowerEMA, averaged_copy
 from launch.training.ldm_stage import UNetStep
 from launch.training.optim import GradScalerState, make_lr_schedule
 from launch.training.run import TrainingRun, already_finished
@@ -76,6 +77,16 @@ class TrainLDMConfig:
     sample_steps: int = 20
     sampler: str = "dpmpp_2m"
     """The pipeline's default sampler (see ldm-generate --help)."""
+    posthoc_ema: PostHocEMAConfig = field(default_factory=PostHocEMAConfig)
+    """Post-hoc EMA (EDM2): snapshots in OUTPUT/posthoc_ema/, any EMA length rebuilt with launch/posthoc_ema.py."""
+    eval_every: int = 0
+    """Score recognisability (benchmarks/demo_quality.py's emoji classifier, EMA weights) every this many steps and at the end; 0: off."""
+    eval_classifier: Path | None = None
+    """With --eval-every: the classifier file benchmarks/demo_quality.py cached (cache/emoji_classifier/*.safetensors)."""
+    eval_per_category: int = 4
+    """With --eval-every: prompts per emoji category, from the training data (9 categories: 36 prompts at 4)."""
+    eval_guidance: tuple[float, ...] = (4.0,)
+    """With --eval-every: the guidance scales scored (sampler steps: --sample-steps)."""
     init_from: str = ""
     """Start from SRC's UNet: one of our pipeline folders, a stock StableDiffusionPipeline folder, a unet/ folder or hf:ORG/NAME. Its architecture replaces --unet; a fresh run starts at step 0, a rerun resumes from its own checkpoint."""
     allow_new_autoencoder: bool = False
@@ -153,10 +164,12 @@ def train(cfg: TrainLDMConfig) -> Path:
     if cfg.compile:
         unet = torch.compile(unet)
     ema = EMA(raw, run.ema_decay).to(acc.device) if run.ema_decay > 0 else None
+    phema = PowerEMA(raw, cfg.posthoc_ema.sigma_rels).to(acc.device) if cfg.posthoc_ema.snapshot_every else None
 
     gens = make_generators(run.seed, acc.process_index, ["latent", "dropout", "diffusion"], device="cpu")
     state = TrainState(
-        modules={"unet": raw, **({"ema": ema} if ema else {})}, optimizers={"unet": opt},
+        modules={"unet": raw, **({"ema": ema} if ema else {}), **({"posthoc_ema": phema} if phema else {})},
+        optimizers={"unet": opt},
         shared={"lr": sched, "grad_scaler": GradScalerState(acc)}, generators=gens,
         per_rank={"data": batches.loader},
     )
@@ -173,6 +186,8 @@ def train(cfg: TrainLDMConfig) -> Path:
             sched.step()
             if ema is not None:
                 ema.update(raw)
+            if phema is not None:
+                phema.update(raw)
         tr.end_step(logs)
         tr.log_training(lr=sched.get_last_lr()[0], show="loss")
         if tr.due(cfg.val_every):
@@ -180,6 +195,11 @@ def train(cfg: TrainLDMConfig) -> Path:
             tr.log_validation(scores, f"held-out loss {scores.get('val_loss', float('nan')):.4f}")
         if tr.due(cfg.sample_every):
             tr.log_image("samples", evaluator.sample_grid(unet, ema, tr.step))
+        if cfg.eval_every and tr.due(cfg.eval_every):
+            scores = evaluator.quality(unet, ema)
+            tr.log_validation(scores, quality_message(scores))
+        if phema is not None and tr.due(cfg.posthoc_ema.snapshot_every) and acc.is_main_process:
+            phema.save_snapshot(out / "posthoc_ema", tr.step)
         tr.save_checkpoint_if_due()
     tr.end_loop(raw, "UNet")
     if tr.preempted:

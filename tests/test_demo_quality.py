@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -192,3 +193,23 @@ def test_benchmark_command_end_to_end(emoji, tiny_pipeline_root, tmp_path, monke
     assert result["classifier"].startswith(str(tmp_path / "cache"))
     bench.main(args)
     assert "emoji classifier: cached" in capsys.readouterr().out
+
+
+def test_train_ldm_eval_every_logs_the_scores(emoji, tiny_autoencoder, tmp_path, capsys):
+    from launch.train_ldm import main as train_main
+    from launch.training.tracking import read_metrics
+
+    data = load_labelled(str(emoji), 32)
+    _, classifier = cached_classifier(data, ClassifierConfig(resolution=32, width=4, feature_dim=8, epochs=1),
+                                      tmp_path / "cache", log=lambda _: None)
+    args = ["--preset", "tiny", "--data.source", str(emoji), "--vae", str(tiny_autoencoder), "--text-encoder",
+            "minilm", "--run.output-dir", str(tmp_path / "run"), "--sample-every", "100", "--eval-every", "4"]
+    with pytest.raises((SystemExit, ValueError)) as refused:  # at parse time (tyro exits) or at the start
+        train_main(args)
+    assert re.search(r"needs\s+--eval-classifier", capsys.readouterr().err.replace("│", " ") + str(refused.value))
+    train_main(args + ["--eval-classifier", str(classifier), "--eval-per-category", "2", "--eval-guidance", "1", "3"])
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "quality_fd_g3" in r]
+    assert [r["step"] for r in rows] == [4, 8]
+    for r in rows:
+        for key in ("quality_subcategory_ratio_g1", "quality_category_ratio_g3", "quality_fd_g1"):
+            assert np.isfinite(r[key]), key

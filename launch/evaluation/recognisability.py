@@ -10,12 +10,13 @@ generated images in the classifier's pooled features (FID's recipe in a space th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from launch.evaluation.distances import frechet_distance
-from launch.evaluation.emoji_classifier import EmojiClassifier, LabelledImages
+from launch.evaluation.emoji_classifier import EmojiClassifier, LabelledImages, load_classifier, load_labelled
 from launch.evaluation.features import pil_to_uint8
 
 SKIPPED_CATEGORIES = ("Component",)  # skin-tone swatches and hair parts: not things a user asks for
@@ -89,3 +90,37 @@ def score_pipeline(pipe, clf: EmojiClassifier, prompts: PromptSet, guidance_scal
         generated = recognised(clf, pil_to_uint8([r.image for r in res]), prompts, per_prompt)
         out["guidance"][f"{scale:g}"] = compare(real, generated)
     return out
+
+
+@dataclass
+class QualityCheck:
+    """The benchmark as an in-training check (train_ldm --eval-every N --eval-classifier FILE): a few
+    prompts per category at fixed seeds, scored every N steps so users see recognisability move."""
+
+    classifier: EmojiClassifier
+    prompts: PromptSet
+    guidance: tuple[float, ...]
+    steps: int
+
+    @classmethod
+    def load(cls, classifier: Path | None, data_source: str, per_category: int, guidance: tuple[float, ...],
+             steps: int) -> QualityCheck:
+        """The cached classifier file (benchmarks/demo_quality.py writes it) and prompts from the training data."""
+        if classifier is None:
+            raise ValueError("--eval-every needs --eval-classifier FILE (benchmarks/demo_quality.py trains and caches one)")
+        clf = load_classifier(classifier)
+        return cls(clf, benchmark_prompts(load_labelled(data_source, clf.cfg.resolution), per_category),
+                   tuple(guidance), steps)
+
+    def __call__(self, pipe) -> dict[str, float]:
+        """{"quality_subcategory_ratio_g4": ..., "quality_category_ratio_g4": ..., "quality_fd_g4": ...}."""
+        result = score_pipeline(pipe, self.classifier, self.prompts, self.guidance, steps=self.steps)
+        return {f"quality_{name}_g{scale}": value for scale, r in result["guidance"].items()
+                for name, value in r.items() if name in ("subcategory_ratio", "category_ratio", "fd")}
+
+
+def quality_message(scores: dict[str, float]) -> str:
+    """One line for the progress bar: subcategory ratio and FD per guidance scale."""
+    scales = [k[len("quality_fd_g"):] for k in scores if k.startswith("quality_fd_g")]
+    return "recognisability " + ", ".join(
+        f"g={s}: ratio {scores[f'quality_subcategory_ratio_g{s}']:.3f} FD {scores[f'quality_fd_g{s}']:.1f}" for s in scales)

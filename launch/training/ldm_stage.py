@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from autoencoder.frozen import FrozenEncoder
 from data import build_loader, iterate_once
 from launch.evaluation.pictures import labelled_grid, plot_curves
+from launch.evaluation.recognisability import QualityCheck
 from launch.training.config import RunConfig
 from launch.training.ema import EMA, averaged_copy
 from launch.training.guard import StepGuard
@@ -142,6 +143,10 @@ class Evaluator:
             self._load_validation(cfg)
         self.eval_unet: torch.nn.Module | None = None  # the EMA copy, refilled in place each time
         self.pipe: LatentDiffusionPipeline | None = None  # composed once around eval_unet
+        self.quality_check: QualityCheck | None = None  # --eval-every: the benchmark's classifier and prompts
+        if acc.is_main_process and cfg.eval_every:
+            self.quality_check = QualityCheck.load(cfg.eval_classifier, cfg.data.source, cfg.eval_per_category,
+                                                   cfg.eval_guidance, cfg.sample_steps)
 
     @torch.no_grad()
     def _load_validation(self, cfg: TrainLDMConfig) -> None:
@@ -201,6 +206,17 @@ class Evaluator:
         grid.save(path)
         grid.save(self.out / "samples.png")
         return path
+
+    @torch.no_grad()
+    def quality(self, unet: torch.nn.Module, ema: EMA | None) -> dict[str, float]:
+        """Recognisability scores of the EMA weights (benchmarks/demo_quality.py's, fewer prompts); rank 0."""
+        self.acc.wait_for_everyone()
+        if self.quality_check is None:
+            return {}
+        model = self._ema_unet(unet, ema)
+        if self.pipe is None:
+            self.pipe = compose_pipeline(self.cfg, model, self.vae, self.te, self.objective)
+        return self.quality_check(self.pipe)
 
 
 def export(cfg: TrainLDMConfig, acc: Accelerator, unet: torch.nn.Module, ema: EMA | None, vae: AutoencoderKL,
