@@ -190,24 +190,38 @@ class PlannedStream(IterableDataset):
     # ----- finite: every sample once, in stored order, grouped by sub-stream --------------------------
 
     def _finite_lane(self, lane: int) -> Iterator[dict[str, Any]]:
-        lanes = len(self.positions)
-        for k, stream in enumerate(self.streams):
-            cfg = self.cfgs[stream.source]
-            if stream.shards is not None:
-                items = (item for item, _ in lane_shard_items(self._plans[k], cfg, 0, self.rank, self.world_size,
-                                                              lanes, lane, [0, 0, 0, 0], False, stream.bucket))
-            else:
-                source = self.sources[stream.source]
-                mine = list(stream.indices[self.rank :: self.world_size][lane::lanes])  # type: ignore[index]
-                items = (process_record(source.record(int(i)), cfg, 0, 0, int(i), False, stream.bucket) for i in mine)  # type: ignore[union-attr]
-            samples, bad = [], []
-            for item in items:
+        """Batches of the next `batch_size` records (bad ones dropped, so a batch may be short or
+        None); position {"stream": k, "at": position in k's part} after each, for a resumed pass."""
+        start = self.positions[lane]
+        for k in range(start["stream"], len(self.streams)):
+            at = start["at"] if k == start["stream"] else [0, 0, 0, 0]
+            samples, bad, records, position = [], [], 0, at
+            for item, position in self._finite_items(k, lane, at):
                 if "sample" in item:
                     samples.append(item["sample"])
                 elif "bad" in item:
                     bad.append([*item["bad"], item["key"], item["origin"]])
-                if len(samples) == self.batch_size:
-                    yield {"batch": collate(samples), "stream": k, "bad": bad, "lane": lane}
-                    samples, bad = [], []
-            if samples or bad:
-                yield {"batch": collate(samples) if samples else None, "stream": k, "bad": bad, "lane": lane}
+                records += "empty" not in item
+                if records == self.batch_size:
+                    yield self._finite_batch(k, samples, bad, lane, {"stream": k, "at": position})
+                    samples, bad, records = [], [], 0
+            if records:
+                yield self._finite_batch(k, samples, bad, lane, {"stream": k, "at": position})
+
+    def _finite_items(self, k: int, lane: int, at: list[int]) -> Iterator[tuple[dict[str, Any], list[int]]]:
+        stream, lanes = self.streams[k], len(self.positions)
+        cfg = self.cfgs[stream.source]
+        if stream.shards is not None:
+            yield from lane_shard_items(self._plans[k], cfg, 0, self.rank, self.world_size, lanes, lane, at, False,
+                                        stream.bucket)
+            return
+        source = self.sources[stream.source]
+        mine = stream.indices[self.rank :: self.world_size][lane::lanes]  # type: ignore[index]
+        for i in range(at[1], len(mine)):
+            index = int(mine[i])
+            yield process_record(source.record(index), cfg, 0, 0, index, False, stream.bucket), [0, i + 1, 0, 0]  # type: ignore[union-attr]
+
+    @staticmethod
+    def _finite_batch(k: int, samples: list, bad: list, lane: int, position: dict[str, Any]) -> dict[str, Any]:
+        return {"batch": collate(samples) if samples else None, "stream": k, "bad": bad, "lane": lane,
+                "position": position}

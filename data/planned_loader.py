@@ -63,7 +63,9 @@ class PlannedLoader:
         if endless and not sum(self.counts):
             raise DataConfigError(f"--data {self.label!r}: no source has samples to draw (all repeat=0 or empty).")
         self.lanes = max(1, num_workers)
-        self.position: dict[str, Any] = {"lanes": [{"step": j, "streams": {}} for j in range(self.lanes)], "next_lane": 0}
+        first = (lambda j: {"step": j, "streams": {}}) if endless else (lambda j: {"stream": 0, "at": [0, 0, 0, 0]})
+        self.position: dict[str, Any] = {"lanes": [first(j) for j in range(self.lanes)], "next_lane": 0}
+        self.source = None  # no single map source (CaptionedLoader's attribute, for callers that size a pass)
         self.batches = 0
         self.source_samples = [0] * len(self.mix)
         self._iterator: Any = None
@@ -123,13 +125,12 @@ class PlannedLoader:
                 raise StopIteration
             if "error" in item:
                 raise DataConfigError(item["error"])
+            self.position["lanes"][item["lane"]] = item["position"]
+            self.position["next_lane"] = (item["lane"] + 1) % self.lanes
             for reason, message, key, origin in item["bad"]:
                 self.tally.bad(reason, message, key=key, origin=origin)
-            if item["batch"] is None:
+            if item["batch"] is None:  # a finite pass's chunk of bad records only
                 continue
-            if "position" in item:
-                self.position["lanes"][item["lane"]] = item["position"]
-                self.position["next_lane"] = (item["lane"] + 1) % self.lanes
             n = len(item["batch"]["keys"])
             for _ in range(n):
                 self.tally.good()
@@ -172,7 +173,9 @@ class PlannedLoader:
 
     @property
     def epoch(self) -> int:
-        """The schedule epoch of the oldest lane."""
+        """The schedule epoch of the oldest lane (0 in a finite pass)."""
+        if not self.endless:
+            return 0
         return min(lane["step"] for lane in self.position["lanes"]) // max(1, sum(self.counts))
 
     def state_dict(self) -> dict[str, Any]:

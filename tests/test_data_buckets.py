@@ -205,3 +205,16 @@ def test_the_square_path_records_its_crop_corner_too(tmp_path):
     (tmp_path / "wide.txt").write_text("w")
     batch = next(iter(iterate_once(DataConfig(source=str(tmp_path), resolution=20), batch_size=1)))
     assert batch["crop_top_left"].tolist() == [[0, math.floor(0.5 * 20 + 0.5)]]  # centre of 40 x 20 resized
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_finite_pass_resumes_without_losing_or_repeating_an_image(mixed, workers):
+    first = iterate_once(cfg_for(mixed), batch_size=3, num_workers=workers)
+    head = [next(first)["keys"] for _ in range(4)]
+    state = json.loads(json.dumps(first.state_dict()))
+    tail = [b["keys"] for b in first]
+    resumed = iterate_once(cfg_for(mixed), batch_size=3, num_workers=workers)
+    resumed.load_state_dict(state)
+    again = [b["keys"] for b in resumed]
+    assert sorted(k for b in again for k in b) == sorted(k for b in tail for k in b)
+    assert len({k for b in head + again for k in b}) == sum(COUNTS.values())
