@@ -33,11 +33,11 @@ from launch.training.optim import GradScalerState, make_lr_schedule
 from launch.training.run import TrainingRun, already_finished
 from ldm.cli import parse_config, to_dict
 from ldm.conditioning import DEFAULT_P_UNCOND
-from ldm.init_from import unet_from_source
+from ldm.init_from import InitFromError, unet_from_source
 from ldm.lora import LoRAConfig, add_lora, export_lora_run
 from ldm.objective import DIFFUSION_PRESETS, DiffusionConfig, DiffusionObjective
 from ldm.unet import UNET_PRESETS, UNetConfig, build_unet
-from text_encoder import load_text_encoder
+from text_encoder import FingerprintMismatch, load_text_encoder
 
 
 @dataclass
@@ -142,8 +142,11 @@ def train(cfg: TrainLDMConfig) -> Path:
     torch.manual_seed(run.seed)  # diffusers initialises weights from the global RNG; nothing else uses it
     init = None
     if cfg.init_from:
-        init = unet_from_source(cfg.init_from, text_encoder, contract.to_json_dict(), contract.latent_channels,
-                                cfg.unet.sample_size, cfg.allow_new_autoencoder)
+        try:
+            init = unet_from_source(cfg.init_from, text_encoder, contract.to_json_dict(), contract.latent_channels,
+                                    cfg.unet.sample_size, cfg.allow_new_autoencoder)
+        except (InitFromError, FingerprintMismatch) as e:  # stages that do not fit: a sentence, not a traceback
+            raise SystemExit(f"error: {e}") from None
         unet, cfg.unet = init.unet, init.config
         for warning in init.warnings:
             acc.print(f"warning: {warning}")
