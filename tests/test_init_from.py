@@ -218,6 +218,10 @@ def test_train_ldm_refuses_lora_without_init_from_and_a_mismatched_text_encoder(
         train_ldm([*stage["common"], "--data", str(stage["data64"]), "--lora-rank", "2",
                    "--run.output-dir", str(tmp_path / "x")])
     common = [a if not a.startswith("hf:") else f"hf:{tiny_bert_dir(tmp_path)}" for a in stage["common"]]
-    with pytest.raises(FingerprintMismatch):
+    with pytest.raises(SystemExit, match="error: the text encoder does not match the one the UNet in --init-from"):
         train_ldm([*common, "--data", str(stage["data64"]), "--data.resolution", "64", "--init-from",
                    str(stage["src"]), "--run.output-dir", str(tmp_path / "y")])
+    with pytest.raises(SystemExit, match="error: .*cross-attends to text of width 32, but this run's text encoder "
+                                         "outputs width 384"):
+        train_ldm([*[a if not a.startswith("hf:") else "minilm" for a in stage["common"]], "--data", str(stage["data64"]),
+                   "--data.resolution", "64", "--init-from", str(stage["src"]), "--run.output-dir", str(tmp_path / "z")])
