@@ -7,16 +7,15 @@ applied and recorded in config_history.jsonl: lr, batch size. config.json keeps 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from launch.training.resume_check import ResumeDecision, compare, kind_of
+from tiny import run as run_command
+from tiny import tiny_autoencoder_dir, two_process_command
 
 # -- classification ------------------------------------------------------------------------------
 
@@ -69,23 +68,6 @@ def test_refused_changes_cannot_be_allowed_and_the_message_names_old_and_new():
 # -- end to end: stage 3 ---------------------------------------------------------------------------
 
 
-def autoencoder_dir(folder, images, seed: int, **changes):
-    """A stage-1 folder like the session's ``tiny_autoencoder`` but with other weights or shape."""
-    from autoencoder import AUTOENCODER_PRESETS, build_autoencoder, save_autoencoder
-    from autoencoder.latents import LatentStatistics, fold_latent_statistics
-
-    torch.manual_seed(seed)
-    cfg = dataclasses.replace(AUTOENCODER_PRESETS["tiny"], **changes)
-    vae = build_autoencoder(cfg).eval()
-    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(images.glob("*.png"))])
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-    stats = LatentStatistics(cfg.latent_channels)
-    with torch.no_grad():
-        stats.update_from_posterior(vae.encode(x).latent_dist, generator=torch.Generator().manual_seed(0))
-    save_autoencoder(vae, fold_latent_statistics(vae, stats, cfg), folder)
-    return folder
-
-
 def ldm_args(images, vae, out, *extra):
     return ["--preset", "tiny", "--data.source", str(images), "--vae", str(vae), "--text-encoder", "minilm",
             "--run.output-dir", str(out), "--sample-every", "100", "--val-every", "100", *extra]
@@ -134,9 +116,9 @@ def test_a_change_that_makes_the_checkpoint_meaningless_is_refused_before_loadin
     run = fork(ldm_run, tmp_path)
     vae, extra = tiny_autoencoder, []
     if change == "other_vae":
-        vae = autoencoder_dir(tmp_path / "other_vae", captioned_images, seed=1)
+        vae = tiny_autoencoder_dir(tmp_path / "other_vae", captioned_images, seed=1)
     elif change == "wide_vae":
-        vae = autoencoder_dir(tmp_path / "wide_vae", captioned_images, seed=0, latent_channels=8)
+        vae = tiny_autoencoder_dir(tmp_path / "wide_vae", captioned_images, latent_channels=8)
     elif change == "text_encoder":
         extra = ["--text-encoder", "minilm?max_length=16"]
     elif change == "unet":
@@ -298,3 +280,17 @@ def test_a_checkpoint_from_before_records_is_compared_with_config_json(tmp_path)
         check_resume(acc, run, config={"lr": 0.2, "run": to_dict(run)}, stages={"autoencoder": {"x": 1}})
     check_resume(acc, run, config={"lr": 0.1, "run": to_dict(run)}, stages={"autoencoder": {"x": 1}})
     assert any("records no fingerprint of autoencoder" in line for line in acc.printed)
+
+
+@pytest.mark.slow
+def test_two_processes_refuse_a_changed_lr_together_then_accept_it(captioned_images, tmp_path):
+    out = tmp_path / "vae"
+    args = lambda *x: two_process_command("launch/train_vae.py", "--preset", "tiny", "--data.source",
+                                          str(captioned_images), "--run.output-dir", str(out), *x)
+    run_command(args("--run.max-steps", "4"))
+    refused_run = run_command(args("--run.max-steps", "6", "--lr", "0.002"), check=False, timeout=180)
+    assert refused_run.returncode != 0, "every rank must stop, none may hang"
+    assert "lr: 0.001 -> 0.002" in refused_run.stderr
+    run_command(args("--run.max-steps", "6", "--lr", "0.002", "--run.allow-changes", "lr"))
+    state = json.loads((out / "checkpoints" / "step_00000006" / "state.json").read_text())
+    assert state["world_size"] == 2
