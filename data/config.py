@@ -102,8 +102,10 @@ class DataConfig:
             out.append(f"missing_caption={self.missing_caption!r} must be 'skip' or 'empty'")
         if self.max_image_pixels < 1:
             out.append("max_image_pixels must be positive")
-        if self.max_aspect_ratio < 1.0:
+        if not self.max_aspect_ratio >= 1.0:  # also refuses nan
             out.append(f"max_aspect_ratio={self.max_aspect_ratio} must be at least 1")
+        if self.min_image_side < 1:
+            out.append(f"min_image_side={self.min_image_side} must be at least 1")
         if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
             out.append(f"background={self.background} must be three integers in 0..255")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

@@ -11,6 +11,7 @@ Rerunning the same command resumes from the newest complete checkpoint. The resu
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +27,18 @@ from launch.evaluation.recognisability import quality_message
 from launch.training import ldm_stage
 from launch.training.accelerator import make_generators, setup_accelerator
 from launch.training.checkpoint import TrainState
-from launch.training.config import RunConfig
+from launch.training.config import RunConfig, below, optimizer_problems
 from launch.training.ema import EMA, PostHocEMAConfig, PowerEMA, averaged_copy
 from launch.training.ldm_stage import UNetStep
 from launch.training.optim import GradScalerState, make_lr_schedule
-from launch.training.run import TrainingRun, already_finished
+from launch.training.run import TrainingRun, already_finished, check_resume
 from ldm.cli import parse_config, to_dict
 from ldm.conditioning import DEFAULT_P_UNCOND
 from ldm.init_from import InitFromError, unet_from_source
 from ldm.lora import LoRAConfig, add_lora, export_lora_run
 from ldm.objective import DIFFUSION_PRESETS, DiffusionConfig, DiffusionObjective
-from ldm.unet import UNET_PRESETS, UNetConfig, build_unet
+from ldm.samplers import SAMPLERS
+from ldm.unet import UNET_PRESETS, UNetConfig, build_unet, check_resolution, unet_kwargs
 from text_encoder import FingerprintMismatch, load_text_encoder
 
 
@@ -45,6 +47,7 @@ class TrainLDMConfig:
     """Train a text-conditioned UNet (stage 3) on the latents of a stage-1 autoencoder."""
 
     data: DataConfig = field(default_factory=lambda: DataConfig(resolution=64, missing_caption="empty"))
+    """The training images and captions (--data SPEC is short for --data.source SPEC)."""
     val_data: str = ""
     """--data spec of a held-out set for the validation loss; empty: none."""
     vae: Path = Path("runs/vae/model")
@@ -52,7 +55,9 @@ class TrainLDMConfig:
     text_encoder: str = "minilm"
     """Stage-2 spec: minilm, hf:NAME_OR_DIR, openclip:ARCH[@PRETRAINED] (options after '?')."""
     unet: UNetConfig = field(default_factory=lambda: UNET_PRESETS["small"])
+    """Shape of the trained UNet (text width and latent channels come from stages 1 and 2)."""
     diffusion: DiffusionConfig = field(default_factory=lambda: DIFFUSION_PRESETS["sd"])
+    """Noise schedule, prediction target and loss weighting."""
     p_uncond: float = DEFAULT_P_UNCOND
     """Caption dropout probability, for classifier-free guidance."""
     cache_latents: bool = False
@@ -62,19 +67,29 @@ class TrainLDMConfig:
     cache_dir: Path | None = None
     """Default: OUTPUT/cache. A cache built for other stages or data is refused, never reused."""
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir=Path("runs/ldm")))
+    """Steps, batch, precision, checkpoints, logging: what every training run shares."""
     lr: float = 2e-4
+    """Peak AdamW learning rate (after warmup)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's (beta1, beta2)."""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more time."""
     compile: bool = False
     """torch.compile the UNet (GPU; slow to start)."""
     val_every: int = 250
+    """Held-out loss (with the EMA weights) every this many steps, and at the end."""
     val_samples: int = 256
+    """Held-out images the validation loss uses (the first ones of --val-data)."""
     sample_every: int = 500
     """Sample grid for fixed prompts and seeds every this many steps, and at the end."""
     sample_prompts: tuple[str, ...] = ("grinning face", "cat face", "flag: japan", "red apple")
+    """Prompts of the sample grid (one column each); empty: no grids."""
     sample_guidance: tuple[float, ...] = (1.0, 3.0, 6.0)
+    """Guidance scales of the sample grid (one row each)."""
     sample_steps: int = 20
+    """Sampler steps per grid image."""
     sampler: str = "dpmpp_2m"
     """The pipeline's default sampler (see ldm-generate --help)."""
     posthoc_ema: PostHocEMAConfig = field(default_factory=PostHocEMAConfig)
@@ -97,6 +112,27 @@ class TrainLDMConfig:
     """LoRA scale numerator (updates are alpha/R * B A); None: alpha = R."""
     lora_merge: bool = False
     """LoRA runs: also export OUTPUT/pipeline_merged, the adapter folded into a full pipeline."""
+
+    def __post_init__(self) -> None:
+        # Every field checked here, at parse time; resolution against the autoencoder's factor once it is loaded.
+        problems = optimizer_problems(self.lr, self.adam_betas, self.weight_decay)
+        problems += below(self, 1, "val_every", "val_samples", "sample_every", "sample_steps") + below(self, 0, "lora_rank")
+        if not 0.0 <= self.p_uncond <= 1.0:
+            problems.append(f"p_uncond={self.p_uncond} must be in [0, 1]")
+        if not all(math.isfinite(g) for g in self.sample_guidance):
+            problems.append(f"sample_guidance={self.sample_guidance} must be finite numbers")
+        if self.sampler not in SAMPLERS:
+            problems.append(f"sampler={self.sampler!r} must be one of {', '.join(SAMPLERS)}")
+        if self.eval_every < 0 or (self.eval_every and self.eval_classifier is None):
+            problems.append(f"eval_every={self.eval_every} must be >= 0 and needs --eval-classifier FILE "
+                            "(benchmarks/demo_quality.py trains and caches one)")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            problems.append(f"lora_alpha={self.lora_alpha} must be a positive number or None")
+        if self.data.resolution % self.unet.downsample_factor:
+            problems.append(f"data.resolution={self.data.resolution} must be a multiple of {self.unet.downsample_factor} "
+                            f"(the UNet's {len(self.unet.block_out_channels)} levels) times the autoencoder's factor")
+        if problems:
+            raise ValueError("Invalid train_ldm options: " + "; ".join(problems) + ".")
 
 
 def _preset(unet: str, **kw) -> TrainLDMConfig:
@@ -157,6 +193,14 @@ def train(cfg: TrainLDMConfig) -> Path:
         acc.print(f"LoRA rank {cfg.lora_rank}: {trainable:,} of {sum(p.numel() for p in unet.parameters()):,} parameters train")
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    try:
+        check_resolution(cfg.data.resolution, contract.downsample_factor, cfg.unet)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    # What the checkpoint's meaning depends on besides the config; a rerun that changed any is refused.
+    stages = {"autoencoder": contract.to_json_dict(), "text_encoder": text_encoder.fingerprint,
+              "unet": unet_kwargs(cfg.unet, text_encoder.hidden_size, contract.latent_channels)}
+    check_resume(acc, run, config=to_dict(cfg), stages=stages)  # before the latent cache is touched
     batches = ldm_stage.Batches(cfg, acc, vae, text_encoder, contract.to_json_dict())
     objective = DiffusionObjective(cfg.diffusion)
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
@@ -176,7 +220,7 @@ def train(cfg: TrainLDMConfig) -> Path:
         shared={"lr": sched, "grad_scaler": GradScalerState(acc)}, generators=gens,
         per_rank={"data": batches.loader},
     )
-    tr = TrainingRun(acc, run, state, what="stage 3: UNet", config=to_dict(cfg))
+    tr = TrainingRun(acc, run, state, what="stage 3: UNet", config=to_dict(cfg), stages=stages)
     step = UNetStep(acc, unet, objective, opt, batches, null_hidden, cfg.p_uncond, gens, run, tr.guard)
     evaluator = ldm_stage.Evaluator(cfg, acc, vae, text_encoder, objective, out)
     if init is not None:

@@ -53,6 +53,8 @@ def parse_error(module: str, args: list[str], capsys) -> str:
     (["--diffusion.schedule.num-train-timesteps", "1"], "num_train_timesteps must be at least 2"),
     (["--diffusion.min-snr-gamma", "-1"], "min_snr_gamma must be positive"),
     (["--data.resolution", "31"], "data.resolution=31 must be a multiple of 2"),  # tiny UNet: 2 levels
+    (["--data.max-aspect-ratio", "nan"], "max_aspect_ratio=nan must be at least 1"),
+    (["--data.min-image-side", "0"], "min_image_side=0 must be at least 1"),
 ])
 def test_train_ldm_refuses_bad_values_at_parse_time(args, expected, capsys):
     assert expected in parse_error("launch.train_ldm", args, capsys)

@@ -42,7 +42,7 @@ LIVE_FIELDS = frozenset({
     "sampler", "stats_samples", "cache_dir", "data.cache_dir", "compile", "gradient_checkpointing",
     # Stage paths and spec strings: the stage fingerprints below decide whether the stage is the same.
     "vae", "text_encoder", "stages.text_encoder.source", "stages.text_encoder.revision",
-    "lora_merge", "allow_new_autoencoder", "posthoc_ema.snapshot_every",
+    "lora_merge", "allow_new_autoencoder", "posthoc_ema.snapshot_every", "eval_every", "eval_classifier",
 })
 # Changes that make the checkpoint meaningless (a dotted path equal to or below one of these).
 REFUSED_PREFIXES = ("stages", "data", "unet", "model", "diffusion", "objective", "loss.discriminator",
