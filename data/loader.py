@@ -274,6 +274,9 @@ class CaptionedLoader:
     def _check_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise DataConfigError(f"Saved data state has version {state.get('version')}, expected {STATE_VERSION}.")
+        if state.get("kind", "plain") != "plain":
+            raise DataConfigError("The saved data position is of a bucketed or mixed run; resume it with the same "
+                                  "--data.buckets and --data.sources.")
         current = {"source": self.cfg.source, "seed": self.seed, "world_size": self.world_size,
                    "rank": self.rank, "endless": self.endless}
         for name, value in current.items():

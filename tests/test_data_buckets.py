@@ -132,6 +132,11 @@ def test_a_resume_with_other_buckets_is_refused(mixed):
     other = build_loader(cfg_for(mixed, buckets=("128x128", "256x64")), batch_size=2, seed=3)
     with pytest.raises(DataConfigError, match="buckets"):
         other.load_state_dict(state)
+    square = build_loader(cfg_for(mixed, buckets=()), batch_size=2, seed=3)
+    with pytest.raises(DataConfigError, match="bucketed or mixed"):
+        square.load_state_dict(state)
+    with pytest.raises(DataConfigError, match="kind"):
+        build_loader(cfg_for(mixed), batch_size=2, seed=3).load_state_dict(square.state_dict())
 
 
 def test_bad_images_are_replaced_from_their_bucket_and_counted(tmp_path):
