@@ -186,3 +186,34 @@ def test_train_ldm_lora_from_a_stock_pipeline_loads_in_stock_diffusers(tmp_path,
     assert max_diff([Image.open(png).convert("RGB")], image) <= 1
     merged = LatentDiffusionPipeline.from_pretrained(out / "pipeline_merged")
     assert max_diff(merged([PROMPTS[0]], steps=3, guidance_scale=3.0, seed=0), image) <= 1
+
+
+def test_resumed_lora_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path):
+    from _pretrained_fixtures import sd_pipeline_dir
+    from tiny import make_captioned_folder
+    from safetensors.torch import load_file
+
+    from launch.import_vae import main as import_vae
+    from launch.train_ldm import main as train_ldm
+
+    src = sd_pipeline_dir(tmp_path)
+    data = make_captioned_folder(tmp_path / "data", n=8, size=32)
+    import_vae(["--source", str(src), "--normalization", "source", "--data", str(data), "--data.resolution", "32",
+                "--run.output-dir", str(tmp_path / "vae"), "--run.num-workers", "0"])
+
+    def lora_run(out, steps):
+        train_ldm(["--preset", "tiny", "--data", str(data), "--vae", str(tmp_path / "vae" / "model"),
+                   "--text-encoder", f"hf:{src}", "--init-from", str(src), "--lora-rank", "2", "--lr", "0.01",
+                   "--run.max-steps", str(steps), "--run.checkpoint-every", "2", "--sample-every", "1000",
+                   "--val-every", "1000", "--run.output-dir", str(out)])
+        return load_file(out / "lora" / LORA_WEIGHTS)
+
+    import json
+
+    straight = lora_run(tmp_path / "straight", 4)
+    lora_run(tmp_path / "split", 2)
+    split = lora_run(tmp_path / "split", 4)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "split" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert steps.count(2) == 1, "the rerun resumed at step 2 (from the checkpoint with the adapters), not 0"
+    assert straight.keys() == split.keys() and all(torch.equal(straight[k], split[k]) for k in straight)
