@@ -168,6 +168,8 @@ def test_live_changes_are_applied_and_the_export_clears_a_killed_exports_leftove
     from launch.train_ldm import main
 
     run = fork(ldm_run, tmp_path)
+    with open(run / "metrics.jsonl", "a") as f:  # a kill after step 5 was logged, in the middle of a line
+        f.write(json.dumps({"step": 5, "kind": "train", "loss": 9.0}) + '\n{"step": 6, "ki')
     leftover = run / ".pipeline.tmp-deadbeef"  # what a kill during the pipeline export leaves
     (leftover / "unet").mkdir(parents=True)
     (leftover / "unet" / "config.json").write_text("{}")
@@ -178,6 +180,10 @@ def test_live_changes_are_applied_and_the_export_clears_a_killed_exports_leftove
     assert "run.checkpoint_every: 4 -> 1" in out
     assert checkpoint_names(run) == ["step_00000004", "step_00000005", "step_00000006"]
     assert not leftover.exists() and (run / "pipeline" / "finished.json").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # every line parses
+    steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert steps == [2, 4, 6], "each logged step once (log-every 2), the killed run's rows replaced"
+    assert all(r.get("loss") != 9.0 for r in rows)
 
 
 def test_every_checkpoint_damaged_stops_with_what_to_do(ldm_run, captioned_images, tiny_autoencoder, tmp_path):

@@ -70,7 +70,12 @@ class TrainingRun:
         self.guard.total_skipped = state.counters["skipped"]
         self.guard.start_clock(run, state.counters["train_seconds"])
         self.logger = MetricsLogger(accelerator, self.out, run.report_to, self.out.name, config)
+        if self.resumed_from is not None:
+            self.logger.forget_after(state.step)  # steps logged after the checkpoint are trained again
         self.bar = progress_bar(accelerator, state.step, run.max_steps, what)
+        self._data = state.per_rank.get("data")  # the loader, for its per-source counts and buckets
+        if getattr(self._data, "bucket_histogram", None):
+            accelerator.print(f"samples per bucket on this process: {self._data.bucket_histogram}")
         self.last = False  # the step just ended is the run's last (max_steps or time budget reached)
         self._sums: dict[str, torch.Tensor] = {}
         self._t_start, self._step0 = time.time(), state.step
@@ -131,10 +136,21 @@ class TrainingRun:
         if not self.due(self.cfg.log_every):
             return None
         speed = (self.state.step - self._step0) * self.images_per_step / (time.time() - self._t_start)
-        row = reduce_logs(self.acc, self._sums, lr=lr, images_per_s=speed, skipped_steps=self.state.counters["skipped"])
+        row = reduce_logs(self.acc, self._sums, lr=lr, images_per_s=speed, skipped_steps=self.state.counters["skipped"],
+                          **self._samples_per_source())
         self.logger.log(self.state.step, row)
         self.bar.set_postfix({show: f"{row.get(show, math.nan):.4f}"})
         return row
+
+    def _samples_per_source(self) -> dict[str, float]:
+        """With several --data sources: samples each has contributed so far, summed over processes."""
+        counts = getattr(self._data, "source_sample_counts", None) or {}
+        if len(counts) < 2:
+            return {}
+        names = sorted(counts)
+        local = torch.tensor([float(counts[n]) for n in names], device=self.acc.device)
+        total = self.acc.reduce(local, reduction="sum").tolist()
+        return {f"samples[{n}]": v for n, v in zip(names, total)}
 
     def log_validation(self, scores: dict[str, float], message: str) -> None:
         """Validation numbers (main process; empty elsewhere) to the logger and under the bar."""

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from foundation import write_bytes_atomic
+
 def add_logs(into: dict[str, torch.Tensor], logs: dict[str, torch.Tensor], scale: float) -> None:
     for k, v in logs.items():
         into[k] = into.get(k, 0) + v * scale
@@ -70,6 +72,17 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
 
+    def forget_after(self, step: int) -> int:
+        """On resume from ``step``: drop the rows of later steps (they are trained again) and any partial
+        line a kill left, so every step appears once; returns how many lines were dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = [line for line in lines if (row := _parse(line)) is not None and row.get("step", 0) <= step]
+        if len(kept) != len(lines):
+            write_bytes_atomic(self.path, "".join(line + "\n" for line in kept).encode("utf-8"))
+        return len(lines) - len(kept)
+
     def log_image(self, step: int, tag: str, path: Path) -> None:
         """A picture already saved as ``path`` (e.g. a sample grid) to the tracker, under ``tag``."""
         if not self.enabled:
@@ -101,6 +114,16 @@ def progress_bar(accelerator, start: int, total: int, desc: str):
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``; a line a kill cut short is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = (_parse(line) for line in path.read_text(encoding="utf-8", errors="replace").splitlines())
+    return [row for row in rows if row is not None]
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
