@@ -52,10 +52,10 @@ class DemoQualityConfig:
     """The emoji classifier's architecture and training (a change trains and caches a new one)."""
     per_category: int = 12
     """Prompts per emoji category (9 categories: 108 prompts at 12)."""
-    guidance: tuple[float, ...] = (1.0, 3.0, 5.0)
+    guidance: tuple[float, ...] = (1.0, 4.0, 7.0)
     """Classifier-free guidance scales to score."""
-    steps: int = 20
-    """Sampling steps per image."""
+    steps: int = 15
+    """Sampling steps per image (15 keeps three guidance scales x 108 prompts to minutes on 2 CPU cores)."""
     sampler: str | None = None
     """Default: the pipeline's own default sampler."""
     seed: int = 0

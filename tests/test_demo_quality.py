@@ -18,6 +18,7 @@ from launch.evaluation.emoji_classifier import (
     ClassifierConfig,
     augment,
     cached_classifier,
+    epoch_order,
     load_classifier,
     load_labelled,
     train_classifier,
@@ -49,17 +50,19 @@ def make_emoji_folder(folder: Path, seed: int = 0) -> Path:
     for i in range(24):
         shape = list(SHAPES)[i % 4]
         name = f"{shape} {i // 4}"
-        rows.append({"caption": name, "shape": shape, "colour": PALETTE[i // 4], "tone": None, "cat": SHAPES[shape]})
+        rows.append({"caption": name, "shape": shape, "colour": PALETTE[i // 4], "tone": None, "cat": SHAPES[shape],
+                     "base": f"B{i}"})
         if i < 2:
             rows.append({"caption": f"{name}: dark skin tone", "shape": shape, "colour": (90, 60, 40),
-                         "tone": "dark skin tone", "cat": SHAPES[shape]})
-    rows.append({"caption": "light skin tone", "shape": "square", "colour": (250, 220, 180), "tone": None, "cat": "Component"})
+                         "tone": "dark skin tone", "cat": SHAPES[shape], "base": f"B{i}"})
+    rows.append({"caption": "light skin tone", "shape": "square", "colour": (250, 220, 180), "tone": None,
+                 "cat": "Component", "base": "C"})
     with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
         for n, row in enumerate(rows):
             draw(row["shape"], row["colour"], rng).save(folder / f"e{n:03d}.png")
             f.write(json.dumps({"file_name": f"e{n:03d}.png", "text": row["caption"], "category": row["cat"],
                                 "subcategory": row["shape"] if row["cat"] != "Component" else "skin-tone",
-                                "skin_tone": row["tone"], "sort_order": n}) + "\n")
+                                "skin_tone": row["tone"], "sort_order": n, "base": row["base"]}) + "\n")
     return folder
 
 
@@ -81,6 +84,16 @@ def test_labels_come_from_the_metadata_and_unlabelled_data_is_refused(emoji, cap
     assert sum(not b for b in data.base) == 2
     with pytest.raises(ValueError, match="prepare_data.py --emoji"):
         load_labelled(str(captioned_images), 32)
+
+
+def test_an_epoch_shows_each_base_emoji_once_whatever_its_variants(emoji):
+    data = load_labelled(str(emoji), 32)
+    g = torch.Generator().manual_seed(0)
+    seen = [epoch_order(data.group, g).tolist() for _ in range(6)]
+    for order in seen:
+        assert sorted(data.group[i] for i in order) == sorted(set(data.group))  # 25 groups, each once
+    variant_group = data.group[[i for i, b in enumerate(data.base) if not b][0]]
+    assert len({i for order in seen for i in order if data.group[i] == variant_group}) == 2  # both members get turns
 
 
 def test_prompts_are_base_emoji_spread_over_categories_without_components(emoji):

@@ -39,8 +39,8 @@ class ClassifierConfig:
     """Channels of the first convolution (the others are 2x and 4x this)."""
     feature_dim: int = 128
     """Width of the pooled features: the space the Frechet distance is measured in."""
-    epochs: int = 12
-    """Passes over the training split."""
+    epochs: int = 24
+    """Passes over the training split's emoji (one image of each base emoji and its skin-tone variants per pass)."""
     batch_size: int = 64
     """Images per optimizer step."""
     lr: float = 4e-3
@@ -68,6 +68,8 @@ class LabelledImages:
     base: list[bool]
     """False for skin-tone variants."""
     sort_order: list[int]
+    group: list[str]
+    """The base emoji an image belongs to (itself, or the one a skin-tone variant varies)."""
 
 
 def load_labelled(source: str, resolution: int) -> LabelledImages:
@@ -83,7 +85,7 @@ def load_labelled(source: str, resolution: int) -> LabelledImages:
 
 def _load_labelled(source: str, resolution: int) -> LabelledImages:
     cfg = DataConfig(source=source, resolution=resolution)
-    images, captions, sub, cat, base, order = [], [], [], [], [], []
+    images, captions, sub, cat, base, order, group = [], [], [], [], [], [], []
     bad: list[str] = []
     for record in open_records(cfg)[1]:
         meta = record.metadata
@@ -101,9 +103,10 @@ def _load_labelled(source: str, resolution: int) -> LabelledImages:
         cat.append(meta["category"])
         base.append(meta.get("skin_tone") is None)
         order.append(int(meta.get("sort_order", len(order))))
+        group.append(str(meta.get("base", record.key)))
     if not images:
         raise ValueError(f"{source} holds no usable samples ({len(bad)} bad, e.g. {bad[:1]})")
-    return LabelledImages(torch.stack(images), captions, sub, cat, base, order)
+    return LabelledImages(torch.stack(images), captions, sub, cat, base, order, group)
 
 
 def to_input(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -182,25 +185,35 @@ def data_key(data: LabelledImages, cfg: ClassifierConfig) -> str:
     h = hashlib.sha256(FORMAT.encode())
     h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
     h.update(data.images.contiguous().numpy().tobytes())
-    h.update(json.dumps([data.subcategory, data.category]).encode())
+    h.update(json.dumps([data.subcategory, data.category, data.group]).encode())
     return h.hexdigest()
 
 
+def epoch_order(groups: list[str], g: torch.Generator) -> torch.Tensor:
+    """One random member of every group, in random order: each base emoji counts once per epoch,
+    however many skin-tone variants it has (they are 55% of the emoji set, nearly all in one category)."""
+    members: dict[str, list[int]] = {}
+    for i, name in enumerate(groups):
+        members.setdefault(name, []).append(i)
+    picks = torch.tensor([m[int(torch.randint(len(m), (1,), generator=g))] for m in members.values()])
+    return picks[torch.randperm(len(picks), generator=g)]
+
+
 def train_classifier(data: LabelledImages, cfg: ClassifierConfig, log=print) -> EmojiClassifier:
-    """Train from scratch on ``data`` (every image, skin-tone variants included); deterministic in ``cfg.seed``."""
+    """Train from scratch on ``data`` (skin-tone variants share their base emoji's turn); deterministic in ``cfg.seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # nn.Module initialisers use the global RNG: fork it, never disturb the caller's
         model = EmojiClassifier(cfg, sorted(set(data.subcategory)), sorted(set(data.category)))
     sub, cat = model.label_ids(data.subcategory, "subcategory"), model.label_ids(data.category, "category")
     x_all = to_input(data.images, cfg.resolution)
     g = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(len(x_all) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(set(data.group)) / cfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.15)
     model.train()
     for epoch in range(cfg.epochs):
-        order = torch.randperm(len(x_all), generator=g)
+        order = epoch_order(data.group, g)
         total, correct = 0.0, 0
         for idx in order.split(cfg.batch_size):
             x = augment(x_all[idx], g) if cfg.augment else x_all[idx]
@@ -213,8 +226,8 @@ def train_classifier(data: LabelledImages, cfg: ClassifierConfig, log=print) -> 
             sched.step()
             total += loss.item() * len(idx)
             correct += int((sub_logits.argmax(-1) == sub[idx]).sum())
-        log(f"emoji classifier epoch {epoch + 1}/{cfg.epochs}: loss {total / len(x_all):.3f}, "
-            f"augmented subcategory accuracy {correct / len(x_all):.3f}")
+        log(f"emoji classifier epoch {epoch + 1}/{cfg.epochs}: loss {total / len(order):.3f}, "
+            f"augmented subcategory accuracy {correct / len(order):.3f}")
     return model.eval()
 
 
