@@ -242,3 +242,34 @@ def test_full_fine_tuning_from_a_stock_folder_resumes_and_refolds(stock, images,
     source = AutoencoderKL.from_pretrained(stock["flux"])
     s = source.state_dict()
     assert any(not torch.equal(s[k], v) for k, v in straight.state_dict().items() if k.startswith("encoder."))
+
+
+def _to_original_key_names(state: dict, n_blocks: int) -> dict:
+    """diffusers AutoencoderKL keys -> the CompVis LDM names of a whole-model SD checkpoint (no mid attention)."""
+    import re
+
+    rules = [
+        (r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"encoder.down.{m[1]}.block.{m[2]}."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample."),
+        (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"decoder.up.{n_blocks - 1 - int(m[1])}.block.{m[2]}."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n_blocks - 1 - int(m[1])}.upsample."),
+        (r"^(encoder|decoder)\.conv_norm_out\.", lambda m: f"{m[1]}.norm_out."),
+    ]
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        out["first_stage_model." + key.replace("conv_shortcut", "nin_shortcut")] = value
+    return out
+
+
+def test_a_single_file_with_original_ldm_key_names_is_converted(tmp_path):
+    vae = stock_vae(mid_block_add_attention=False, block_out_channels=(8, 16), layers_per_block=1)
+    vae.save_pretrained(tmp_path / "ref")
+    state = vae.state_dict()
+    original = _to_original_key_names(state, 2)
+    assert "first_stage_model.encoder.down.0.block.0.conv1.weight" in original
+    save_file(original, tmp_path / "sd_checkpoint.safetensors")
+    loaded, source = load_pretrained_autoencoder(str(tmp_path / "sd_checkpoint.safetensors"), config=tmp_path / "ref")
+    assert source["kind"] == "single_file" and _same_weights(loaded, vae)
