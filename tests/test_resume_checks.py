@@ -300,3 +300,16 @@ def test_two_processes_refuse_a_changed_lr_together_then_accept_it(captioned_ima
     run_command(args("--run.max-steps", "6", "--lr", "0.002", "--run.allow-changes", "lr"))
     state = json.loads((out / "checkpoints" / "step_00000006" / "state.json").read_text())
     assert state["world_size"] == 2
+
+
+def test_history_lines_stay_whole_after_a_cut_line(tmp_path):
+    from launch.training.resume_check import HISTORY_FILE, append_history
+
+    (tmp_path / HISTORY_FILE).write_text('{"step": 4, "chan')  # a kill in the middle of an append
+    old = {"config": {"run": {"max_steps": 4}}}
+    append_history(tmp_path, 4, "step_00000004", compare(old, {"config": {"run": {"max_steps": 8}}}))
+    append_history(tmp_path, 8, "step_00000008", compare(old, {"config": {"run": {"max_steps": 9}}}))
+    lines = (tmp_path / HISTORY_FILE).read_text().splitlines()
+    assert len(lines) == 3 and lines[0] == '{"step": 4, "chan'
+    assert json.loads(lines[1])["changes"]["run.max_steps"] == {"old": 4, "new": 8, "kind": "live"}
+    assert json.loads(lines[2])["step"] == 8

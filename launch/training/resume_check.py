@@ -24,6 +24,7 @@ override
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,8 +197,15 @@ def append_history(run_dir: Path, step: int, checkpoint: str, decision: ResumeDe
         return
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": step, "resumed_from": checkpoint,
            "changes": {c.key: {"old": c.old, "new": c.new, "kind": c.kind} for c in decision.applied}}
-    with open(Path(run_dir) / HISTORY_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+    path = Path(run_dir) / HISTORY_FILE
+    with open(path, "a+b") as f:
+        cut = False
+        if f.seek(0, 2) > 0:
+            f.seek(-1, 2)
+            cut = f.read(1) != b"\n"  # a kill cut the last line short: end it before appending
+        f.write((("\n" if cut else "") + json.dumps(row, sort_keys=True) + "\n").encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------------------------
