@@ -7,7 +7,8 @@ For a fixed set of prompts drawn from the training captions (``--per-category`` 
 category of emoji.json but "Component", evenly spaced in its sort order), it generates one image
 per prompt at each guidance scale and asks a small classifier of the emoji's subcategory and
 category how often it recognises the prompt's emoji, against its accuracy on the real images of the
-same prompts: the ratio is the number (1.0: as recognisable as the real emoji). Beside it, the
+same prompts: the ratio is the number (1.0: as recognisable as the real emoji; the "autoenc." row is
+the real images through the pipeline's autoencoder, the most a perfect UNet could reach). Beside it, the
 Frechet distance between real and generated images in the classifier's 128-d features (lower is
 better; with ~100 images per set it is biased upwards, so compare runs at the same --per-category).
 
@@ -81,8 +82,9 @@ def print_table(result: dict) -> None:
     print(f"\n{result['prompts']} prompts x {result['images_per_prompt']} image(s); real images: subcategory "
           f"{real['subcategory_acc']:.3f}, category {real['category_acc']:.3f}")
     print(f"{'guidance':>8} {'sub acc':>8} {'sub ratio':>9} {'cat acc':>8} {'cat ratio':>9} {'FD':>9}")
-    for scale, r in result["guidance"].items():
-        print(f"{scale:>8} {r['subcategory_acc']:8.3f} {r['subcategory_ratio']:9.3f} {r['category_acc']:8.3f} "
+    rows = [("autoenc.", result["autoencoder"])] if "autoencoder" in result else []
+    for label, r in rows + list(result["guidance"].items()):
+        print(f"{label:>8} {r['subcategory_acc']:8.3f} {r['subcategory_ratio']:9.3f} {r['category_acc']:8.3f} "
               f"{r['category_ratio']:9.3f} {r['fd']:9.2f}")
 
 
@@ -104,7 +106,8 @@ def main(args: list[str] | None = None) -> dict:
     pipe = LatentDiffusionPipeline.from_pretrained(cfg.model, device=cfg.device)
     with torch.inference_mode():
         result = score_pipeline(pipe, clf, prompts, cfg.guidance, steps=cfg.steps, sampler=cfg.sampler,
-                                seed=cfg.seed, per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size)
+                                seed=cfg.seed, per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size,
+                                autoencoder_row=True)
     result.update(info, model=str(cfg.model), manifest_id=pipe.manifest_id, settings=to_dict(cfg),
                   seconds=round(time.time() - start, 1))
     print_table(result)

@@ -199,6 +199,7 @@ def test_benchmark_command_end_to_end(emoji, tiny_pipeline_root, tmp_path, monke
     assert "6 prompts x 1 image(s)" in out and len([ln for ln in out.splitlines() if ln.split()[:1] in (["1"], ["3"])]) == 2
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["guidance"].keys() == {"1", "3"} and saved["prompts"] == 6
+    assert "autoenc." in out and np.isfinite(saved["autoencoder"]["fd"])  # real images through the autoencoder
     for r in saved["guidance"].values():
         real = saved["real"]["subcategory_acc"]
         assert r["subcategory_ratio"] == pytest.approx(r["subcategory_acc"] / max(real, 1e-9))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from launch.evaluation.distances import frechet_distance
 from launch.evaluation.emoji_classifier import EmojiClassifier, LabelledImages, load_classifier, load_labelled
@@ -74,16 +75,34 @@ def compare(real: dict[str, Any], generated: dict[str, Any]) -> dict[str, float]
 
 
 @torch.no_grad()
+def through_autoencoder(pipe, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] encoded (posterior mean) and decoded by ``pipe``'s autoencoder, at its resolution."""
+    side = pipe.unet.config.sample_size * pipe.factor
+    out = []
+    for chunk in images.split(batch_size):
+        x = chunk.float().div(127.5).sub(1)
+        if x.shape[-1] != side:
+            x = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+        latents = pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+        out.append(pil_to_uint8(pipe.decode_latents(latents)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def score_pipeline(pipe, clf: EmojiClassifier, prompts: PromptSet, guidance_scales: tuple[float, ...], *,
                    steps: int = 20, sampler: str | None = None, seed: int = 0, per_prompt: int = 1,
-                   batch_size: int = 32) -> dict[str, Any]:
-    """{"real": accuracies on the real images, "guidance": {scale: compare(...)}} for ``pipe``.
+                   batch_size: int = 32, autoencoder_row: bool = False) -> dict[str, Any]:
+    """{"real": accuracies on the real images, "guidance": {scale: compare(...)}} for ``pipe``; with
+    ``autoencoder_row`` also "autoencoder": the real images through the pipeline's autoencoder, the
+    score a perfect stage 3 would reach with this stage 1.
 
     Image k of the set uses seed ``seed + k`` at every guidance scale, so scales differ only by guidance.
     """
     real = recognised(clf, prompts.images, prompts)
     out: dict[str, Any] = {"real": {k: v for k, v in real.items() if k != "features"},
                            "prompts": len(prompts.prompts), "images_per_prompt": per_prompt, "guidance": {}}
+    if autoencoder_row:
+        out["autoencoder"] = compare(real, recognised(clf, through_autoencoder(pipe, prompts.images, batch_size), prompts))
     for scale in guidance_scales:
         res = pipe.generate(prompts.prompts, num_images_per_prompt=per_prompt, steps=steps, sampler=sampler,
                             guidance_scale=scale, seed=seed, batch_size=batch_size)
