@@ -225,9 +225,10 @@ def _plan_resume(accelerator, run: RunConfig, config: dict[str, Any], stages: di
         _refuse(accelerator, str(e), out)
     if recorded is None:  # a checkpoint from before records existed: config.json is the best witness
         try:
-            recorded = {"config": json.loads((out / "config.json").read_text(encoding="utf-8")), "stages": {}}
+            legacy = json.loads((out / "config.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            recorded = None
+            legacy = None
+        recorded = {"config": legacy, "stages": {}} if isinstance(legacy, dict) else None
     try:
         decision, warnings = check_record(recorded, current, run.allow_changes, out, path.name)
     except ResumeRefused as e:
