@@ -225,3 +225,19 @@ def test_train_ldm_refuses_lora_without_init_from_and_a_mismatched_text_encoder(
                                          "outputs width 384"):
         train_ldm([*[a if not a.startswith("hf:") else "minilm" for a in stage["common"]], "--data", str(stage["data64"]),
                    "--data.resolution", "64", "--init-from", str(stage["src"]), "--run.output-dir", str(tmp_path / "z")])
+
+
+@pytest.mark.slow
+def test_two_processes_init_from_lora_run(stage, tmp_path):
+    """Every rank loads SRC and adds the same adapters; the ranks end with the same weights (checked
+    by the run itself) and rank 0 exports the adapter."""
+    from tiny import run, two_process_command
+
+    out = tmp_path / "ddp"
+    proc = run(two_process_command("launch/train_ldm.py", *stage["common"], "--data", stage["data64"],
+                                   "--data.resolution", "64", "--init-from", stage["src"], "--lora-rank", "2",
+                                   "--run.max-steps", "2", "--run.output-dir", out))
+    state = json.loads(next((out / "checkpoints").glob("step_*/state.json")).read_text())
+    assert state["world_size"] == 2, "must really run two processes"
+    assert "UNet from --init-from" in proc.stdout + proc.stderr
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
