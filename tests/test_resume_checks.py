@@ -40,6 +40,10 @@ from tiny import tiny_autoencoder_dir, two_process_command
     ("stages.text_encoder.source", "minilm", "/moved/minilm", "live"),
     ("model.latent_channels", 4, 8, "refused"),
     ("cache_latents", False, True, "refused"),
+    ("lora_rank", 0, 4, "refused"),
+    ("loss.discriminator.channels", 64, 32, "refused"),
+    ("loss.kl_weight", 1e-6, 1e-5, "override"),
+    ("stages.text_encoder.dtype", "float32", "bfloat16", "override"),
 ])
 def test_each_kind_of_change(key, old, new, kind):
     assert kind_of(key, old, new) == kind
@@ -313,3 +317,37 @@ def test_history_lines_stay_whole_after_a_cut_line(tmp_path):
     assert len(lines) == 3 and lines[0] == '{"step": 4, "chan'
     assert json.loads(lines[1])["changes"]["run.max_steps"] == {"old": 4, "new": 8, "kind": "live"}
     assert json.loads(lines[2])["step"] == 8
+
+
+def test_accepted_hyperparameters_replace_the_checkpoints_and_an_unchanged_resume_keeps_its_numbers(tmp_path):
+    from launch.training.checkpoint import CheckpointManager, TrainState
+    from launch.training.config import RunConfig
+    from launch.training.optim import make_lr_schedule
+    from launch.training.resume_check import remember_hyperparameters, restore_hyperparameters
+
+    def build(lr, betas, max_steps=20):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 3)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.01)
+        sched = make_lr_schedule(opt, RunConfig(warmup_steps=2, max_steps=max_steps, lr_schedule="cosine"))
+        return TrainState(modules={"m": model}, optimizers={"m": opt}, shared={"lr": sched}), opt, sched
+
+    state, opt, sched = build(0.1, (0.9, 0.999))
+    for _ in range(5):
+        state.modules["m"](torch.ones(1, 3)).sum().backward()
+        opt.step()
+        sched.step()
+        state.step += 1
+    saved_lr = opt.param_groups[0]["lr"]
+    CheckpointManager(tmp_path, _Stub()).save(state)
+
+    for lr, betas, expect_lr in ((0.1, (0.9, 0.999), saved_lr), (0.2, (0.5, 0.9), 2 * saved_lr)):
+        resumed, ropt, rsched = build(lr, betas)
+        remembered = remember_hyperparameters(resumed.optimizers)
+        CheckpointManager(tmp_path, _Stub()).resume(resumed)
+        restore_hyperparameters(resumed.optimizers, resumed.shared.values(), remembered)
+        group = ropt.param_groups[0]
+        assert group["betas"] == betas and group["initial_lr"] == lr
+        assert group["lr"] == pytest.approx(expect_lr, rel=1e-12) and rsched.get_last_lr() == [group["lr"]]
+        if lr == 0.1:
+            assert group["lr"] == saved_lr  # bitwise: an unchanged resume is not perturbed
