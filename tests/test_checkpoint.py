@@ -268,3 +268,20 @@ def test_the_run_record_is_saved_with_each_checkpoint_and_covered_by_its_manifes
     (path / "run.json").write_text('{"config": {"lr": 0.2}, "stages": {}}')
     with pytest.raises(CheckpointError, match="run.json is corrupt"):
         CheckpointManager(tmp_path, OneProcess()).read_record(path)
+
+
+def test_reaching_the_step_of_a_damaged_checkpoint_replaces_it(tmp_path):
+    mgr = CheckpointManager(tmp_path, OneProcess(), keep_last=3)
+    state = make_state()
+    train_steps(state, 1)
+    mgr.save(state)
+    ahead = make_state()
+    train_steps(ahead, 2)
+    damaged = mgr.save(ahead)
+    (damaged / "state.json").write_text("{}")  # step 2 damaged
+    resumed = make_state()
+    assert mgr.resume(resumed).name == step_dir_name(1)
+    train_steps(resumed, 1)
+    mgr.save(resumed)  # step 2 again, written over the damaged one
+    assert mgr.latest_valid().name == step_dir_name(2) and mgr.skipped == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(1), step_dir_name(2)]

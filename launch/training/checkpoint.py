@@ -343,10 +343,15 @@ class CheckpointManager:
             raise CheckpointError(f"{tmp}: processes did not write {missing}; is the folder on a shared filesystem?")
         _write_json(tmp / "manifest.json", {"format_version": FORMAT_VERSION, "step": step, "files": files})
         fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. preempted right after a periodic save)
-            shutil.rmtree(final)
+        doomed = None
+        if final.exists():  # a damaged checkpoint of this step, skipped at resume: set aside, not deleted first
+            doomed = self.root / f".old-{final.name}"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(final, doomed)
         os.replace(tmp, final)
         fsync_dir(self.root)
+        if doomed is not None:
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def _rotate(self, saved_step: int) -> None:
         # Only checkpoints up to the one just written count: anything further on was skipped as
