@@ -171,8 +171,8 @@ def train(cfg: TrainLDMConfig) -> Path:
     # sample_size only tells diffusers the default image size: the training resolution in latents.
     cfg.unet = dataclasses.replace(cfg.unet, sample_size=cfg.data.resolution // contract.downsample_factor)
     vae.to(acc.device).eval().requires_grad_(False)
-    text_encoder = load_text_encoder(cfg.text_encoder, device=acc.device)
-    null_hidden = text_encoder.null_embedding().hidden.to(acc.device)  # [1, L, D]
+    text_encoder = load_text_encoder(cfg.text_encoder, device=acc.device, default_dtype="auto")  # ?dtype= wins
+    null_hidden = text_encoder.null_embedding().hidden.to(acc.device, torch.float32)  # [1, L, D]
 
     # The trained stage: SRC's UNet (--init-from) or a fresh one, cross-attention width from the text encoder.
     torch.manual_seed(run.seed)  # diffusers initialises weights from the global RNG; nothing else uses it

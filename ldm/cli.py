@@ -175,15 +175,14 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def _expand_data_shorthand(cls: type, args: list[str]) -> None:
-    """``--data SPEC`` means ``--data.source SPEC`` for configs with a ``data`` section (every entry point)."""
+    """``--data SPEC`` means ``--data.source SPEC`` for configs with a ``data`` section (every entry point);
+    ``--data A --data B`` means ``--data.sources A B`` (never silently only B)."""
     field = next((f for f in dataclasses.fields(cls) if f.name == "data"), None)
     if field is None or not dataclasses.is_dataclass(typing.get_type_hints(cls)["data"]):
         return
-    for i, a in enumerate(args):
-        if a == "--data" and i + 1 < len(args) and not args[i + 1].startswith("--"):
-            args[i] = "--data.source"
-        elif a.startswith("--data="):
-            args[i] = "--data.source=" + a.split("=", 1)[1]
+    from data.mix import expand_data_flags  # here, so that ldm-generate never loads the data layer
+
+    args[:] = expand_data_flags(args)
 
 
 def parse_config(

@@ -43,17 +43,18 @@ class Batches:
 
     def __init__(self, cfg: TrainLDMConfig, acc: Accelerator, vae: AutoencoderKL, text_encoder: FrozenTextEncoder,
                  vae_fingerprint: dict[str, Any]):
-        self.acc, self.vae, self.text_encoder = acc, vae, text_encoder
+        self.acc, self.text_encoder = acc, text_encoder
         run = cfg.run
         self.cached_text = cfg.cache_text
+        # The frozen encoder half, no autograd, in the device's fastest native precision (keyed in the cache).
+        self.encoder = FrozenEncoder(vae, dtype=resolve_dtype("auto", acc.device))
         if cfg.cache_latents or cfg.cache_text:
-            encoder = FrozenEncoder(vae, dtype=resolve_dtype("auto", acc.device))  # bf16 where native; keyed
             spec = CacheSpec(
                 data=cfg.data, cache_dir=cfg.cache_dir or Path(run.output_dir) / "cache",
-                vae_fingerprint=encoder.fingerprint(vae_fingerprint),
+                vae_fingerprint=self.encoder.fingerprint(vae_fingerprint),
                 text_fingerprint=text_encoder.fingerprint if cfg.cache_text else None, num_workers=run.num_workers,
             )
-            cache = ensure_cache(spec, vae=encoder, text_encoder=text_encoder if cfg.cache_text else None,
+            cache = ensure_cache(spec, vae=self.encoder, text_encoder=text_encoder if cfg.cache_text else None,
                                  rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone)
             self.loader = CachedLatentLoader(cache, batch_size=run.batch_size, seed=run.seed,
                                              rank=acc.process_index, world_size=acc.num_processes)
@@ -71,7 +72,7 @@ class Batches:
         if self.cached:
             latents = sample_latents(batch["latent_mean"], batch["latent_std"], latent_generator)
         else:
-            posterior = self.vae.encode(batch["pixel_values"].to(device)).latent_dist
+            posterior = self.encoder.encode(batch["pixel_values"].to(device)).latent_dist
             latents = posterior.sample(generator=latent_generator)
         if self.cached and self.cached_text:
             hidden = batch["text_hidden"]
@@ -151,9 +152,9 @@ class Evaluator:
     @torch.no_grad()
     def _load_validation(self, cfg: TrainLDMConfig) -> None:
         latents, hidden, n = [], [], 0
-        for batch in iterate_once(cfg.data.replace(source=cfg.val_data), batch_size=self.batch_size):
+        for batch in iterate_once(cfg.data.with_source(cfg.val_data), batch_size=self.batch_size):
             latents.append(self.vae.encode(batch["pixel_values"].to(self.acc.device)).latent_dist.mean)
-            hidden.append(self.te.encode(list(batch["captions"])).hidden)
+            hidden.append(self.te.encode(list(batch["captions"])).hidden.float())
             n += len(batch["captions"])
             if n >= cfg.val_samples:
                 break

@@ -93,7 +93,7 @@ class Validator:
         self.batch_size = cfg.run.eval_batch_size
         self.images: torch.Tensor | None = None
         if acc.is_main_process:
-            data = cfg.data.replace(source=cfg.val_data)
+            data = cfg.data.with_source(cfg.val_data)
             batches, n = [], 0
             for batch in iterate_once(data, batch_size=self.batch_size):
                 batches.append(batch["pixel_values"])
