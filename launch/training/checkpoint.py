@@ -269,7 +269,7 @@ class CheckpointManager:
             except (CheckpointError, OSError) as e:
                 reason = str(e) if isinstance(e, CheckpointError) else f"{path}: unreadable ({e})"
                 self.skipped.append(reason)
-                log.warning("skipping damaged checkpoint: %s", reason)
+                log.info("skipping damaged checkpoint: %s", reason)  # the caller shows ``skipped`` to the user
         if self.skipped:
             raise NoUsableCheckpoint(
                 f"every checkpoint in {self.root} is damaged, so this run cannot resume:\n  "

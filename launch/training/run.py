@@ -49,6 +49,7 @@ from launch.training.resume_check import (ResumeDecision, ResumeRefused, append_
 from launch.training.tracking import MetricsLogger, accumulate_logs, progress_bar, reduce_logs
 
 FINISHED_MARKER = "finished.json"
+_REPORTED: set[str] = set()  # damaged-checkpoint messages already printed by this process
 
 
 class TrainingRun:
@@ -217,7 +218,9 @@ def _plan_resume(accelerator, run: RunConfig, config: dict[str, Any], stages: di
     try:
         path = checkpoints.latest_valid()
         for reason in checkpoints.skipped:
-            accelerator.print(f"skipping damaged checkpoint: {reason}")
+            if reason not in _REPORTED:  # check_resume and TrainingRun both look: say it once
+                _REPORTED.add(reason)
+                accelerator.print(f"skipping damaged checkpoint: {reason}")
         if path is None:
             return checkpoints, None, ResumeDecision()
         recorded = checkpoints.read_record(path)
