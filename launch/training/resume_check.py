@@ -110,8 +110,8 @@ class ResumeDecision:
         lines = [f"cannot resume {run_dir} from {checkpoint}: this command differs from the run's recorded config."]
         if refused:
             lines.append("These changes would make the checkpoint meaningless, so no flag overrides them; restore "
-                         "the old value, or start a new run in another --run.output-dir (with --init-from to start "
-                         "from these weights):")
+                         "the old value, or start a new run in another --run.output-dir (train_ldm.py --init-from "
+                         "OUTPUT/pipeline starts one from this run's exported weights):")
             lines += [f"  {c.describe()}" for c in refused]
         if blocked:
             names = " ".join(sorted({c.key for c in blocked}))
