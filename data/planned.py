@@ -40,7 +40,8 @@ import numpy as np
 from torch.utils.data import IterableDataset
 
 from data.config import DataConfig
-from data.stream import MapSource, ShardPlan, _worker_slot, collate, derived_seed, lane_shard_items, process_record
+from data.stream import (MapSource, ShardPlan, collate, derived_seed, interleave, lane_shard_items, process_record,
+                         worker_lanes)
 
 # A lane that draws this many samples beyond a batch without filling it reports the sub-stream dead.
 MAX_EXTRA_DRAWS = 10_000
@@ -118,17 +119,8 @@ class PlannedStream(IterableDataset):
                        for k, s in enumerate(self.streams) if s.shards is not None}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, num_workers = _worker_slot()
-        lanes = len(self.positions)
-        mine = [(self.next_lane + worker + j * num_workers) % lanes for j in range(lanes // num_workers)]
-        readers = [self._lane(lane) if self.endless else self._finite_lane(lane) for lane in mine]
-        while readers:
-            for reader in list(readers):
-                item = next(reader, None)
-                if item is None:
-                    readers.remove(reader)
-                else:
-                    yield item
+        lanes = worker_lanes(self.next_lane, len(self.positions))
+        yield from interleave([self._lane(lane) if self.endless else self._finite_lane(lane) for lane in lanes])
 
     def stream_at(self, step: int) -> int:
         length = sum(self.counts)

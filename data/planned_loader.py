@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 from data.bad_samples import BadSampleTally
 from data.buckets import bucket_name, bucket_of_shard, nearest_bucket, resolve_buckets
 from data.config import DataConfig, DataConfigError
-from data.loader import (WorkerInit, _identity, _json_copy, _track_workers, _workers_dividing, open_map_source,
-                         preemption_signals_blocked, _LOADERS_WITH_WORKERS)
+from data.loader import open_map_source
+from data.workers import LoaderBase, WorkerInit, _json_copy, _workers_dividing
 from data.mix import mixed_sources
 from data.planned import PlannedStream, SubStream, batch_counts
 from data.size_index import image_sizes, shard_sample_counts
@@ -31,7 +31,7 @@ logger = logging.getLogger("data")
 STATE_VERSION = 1
 
 
-class PlannedLoader:
+class PlannedLoader(LoaderBase):
     """Batches of one (source, bucket) each, in the schedule's order, for one rank; exact resume."""
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, seed: int, rank: int, world_size: int,
@@ -109,16 +109,9 @@ class PlannedLoader:
 
     # ----- iteration -------------------------------------------------------------------------------
 
-    def __iter__(self) -> PlannedLoader:
-        return self
-
     def __next__(self) -> dict[str, Any]:
         if self._iterator is None:
-            dataloader = self._dataloader()
-            with preemption_signals_blocked(dataloader.num_workers > 0):
-                self._iterator = iter(dataloader)
-            if dataloader.num_workers > 0:
-                _track_workers(self)  # type: ignore[arg-type]
+            self._start()
         while True:
             item = next(self._iterator, None)
             if item is None:
@@ -144,18 +137,9 @@ class PlannedLoader:
                                self.rank, self.world_size, positions=_json_copy(lanes),
                                next_lane=self.position["next_lane"], endless=self.endless)
         workers = _workers_dividing(len(lanes), self.num_workers)
-        return DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_identity,
-                          prefetch_factor=2 if workers else None, worker_init_fn=self.worker_init if workers else None)
+        return self._torch_loader(stream, workers, prefetch_factor=2)
 
     # ----- state -----------------------------------------------------------------------------------
-
-    @property
-    def bad_sample_counts(self) -> dict[str, int]:
-        return dict(self.tally.counts)
-
-    @property
-    def samples_seen(self) -> int:
-        return self.tally.seen
 
     @property
     def source_sample_counts(self) -> dict[str, int]:
@@ -189,11 +173,7 @@ class PlannedLoader:
 
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Restore this rank's position; `state` is its own dict or the list of all ranks' dicts."""
-        if isinstance(state, list):
-            mine = [s for s in state if s.get("rank") == self.rank]
-            if len(mine) != 1:
-                raise DataConfigError(f"The saved data states hold no single entry for rank {self.rank}.")
-            state = mine[0]
+        state = self._own_state(state)
         current = {"version": STATE_VERSION, "kind": "planned", "source": self.label, "buckets": list(self.cfg.buckets),
                    "seed": self.seed, "world_size": self.world_size, "rank": self.rank, "endless": self.endless,
                    "batch_size": self.batch_size}
@@ -212,7 +192,3 @@ class PlannedLoader:
         self.batches = int(state["batches"])
         self.source_samples = [int(n) for n in state["source_samples"]]
         self.tally.load_state_dict(state["bad_samples"])
-
-    def close(self) -> None:
-        self._iterator = None
-        _LOADERS_WITH_WORKERS.discard(self)  # type: ignore[arg-type]

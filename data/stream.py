@@ -59,6 +59,24 @@ def process_record(record: RawRecord, cfg: DataConfig, draws_seed: int, epoch: i
         return {"bad": (f"unexpected_{type(e).__name__}", where), "key": record.key, "origin": record.origin}
 
 
+def worker_lanes(next_lane: int, lanes: int) -> list[int]:
+    """The lanes this DataLoader worker reads: worker w of W takes next_lane + w, + w + W, ..."""
+    worker, num_workers = _worker_slot()
+    return [(next_lane + worker + j * num_workers) % lanes for j in range(lanes // num_workers)]
+
+
+def interleave(readers: list[Iterator[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """One item from each reader in turn until every reader is exhausted."""
+    readers = list(readers)
+    while readers:
+        for reader in list(readers):
+            item = next(reader, None)
+            if item is None:
+                readers.remove(reader)
+            else:
+                yield item
+
+
 def _worker_slot() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -142,17 +160,7 @@ class ShardStream(IterableDataset):
         super().__init__()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, num_workers = _worker_slot()
-        lanes = len(self.positions)
-        mine = [(self.next_lane + worker + j * num_workers) % lanes for j in range(lanes // num_workers)]
-        readers = [self._lane(lane) for lane in mine]
-        while readers:
-            for reader in list(readers):
-                item = next(reader, None)
-                if item is None:
-                    readers.remove(reader)
-                else:
-                    yield item
+        yield from interleave([self._lane(lane) for lane in worker_lanes(self.next_lane, len(self.positions))])
 
     def _lane(self, lane: int) -> Iterator[dict[str, Any]]:
         for item, position in lane_shard_items(self.plan, self.cfg, self.seed, self.rank, self.world_size,
