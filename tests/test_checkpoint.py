@@ -285,3 +285,16 @@ def test_reaching_the_step_of_a_damaged_checkpoint_replaces_it(tmp_path):
     mgr.save(resumed)  # step 2 again, written over the damaged one
     assert mgr.latest_valid().name == step_dir_name(2) and mgr.skipped == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(1), step_dir_name(2)]
+
+
+def test_another_set_of_trained_parameters_is_refused_before_any_weight_loads(tmp_path):
+    state = make_state()
+    train_steps(state, 1)
+    path = CheckpointManager(tmp_path, OneProcess()).save(state)
+    frozen_first = make_state(seed=5)
+    model = frozen_first.modules["model"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen_first.optimizers["opt"] = torch.optim.AdamW(list(model.parameters())[2:], lr=1e-2)  # first layer frozen
+    with pytest.raises(CheckpointError, match=r"saved over \[4\] parameters per group, this run's has \[2\]"):
+        CheckpointManager(tmp_path, OneProcess()).load(path, frozen_first)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -41,6 +41,7 @@ from tiny import tiny_autoencoder_dir, two_process_command
     ("model.latent_channels", 4, 8, "refused"),
     ("cache_latents", False, True, "refused"),
     ("lora_rank", 0, 4, "refused"),
+    ("decoder_only", False, True, "refused"),
     ("loss.discriminator.channels", 64, 32, "refused"),
     ("loss.kl_weight", 1e-6, 1e-5, "override"),
     ("stages.text_encoder.dtype", "float32", "bfloat16", "override"),

@@ -391,11 +391,19 @@ class CheckpointManager:
             )
         for name, module in state.modules.items():
             check_tensor_shapes(path / f"module-{name}.safetensors", module.state_dict(), name)
+        metas = {name: _read_json(path / f"optim-{name}.json") for name in state.optimizers}
+        for name, opt in state.optimizers.items():
+            saved = [len(g["params"]) for g in metas[name]["param_groups"]]
+            wanted = [len(g["params"]) for g in opt.param_groups]
+            if saved != wanted:
+                raise CheckpointError(
+                    f"{path}: optimizer {name!r} was saved over {saved} parameters per group, this run's has {wanted}: "
+                    "the set of trained parameters changed since the checkpoint; restore the old settings or start a new run."
+                )
         for name, module in state.modules.items():
             module.load_state_dict(load_file(str(path / f"module-{name}.safetensors")))
         for name, opt in state.optimizers.items():
-            meta = json.loads((path / f"optim-{name}.json").read_text(encoding="utf-8"))
-            opt.load_state_dict(optimizer_from_files(load_file(str(path / f"optim-{name}.safetensors")), meta))
+            opt.load_state_dict(optimizer_from_files(load_file(str(path / f"optim-{name}.safetensors")), metas[name]))
         for name, obj in state.shared.items():
             obj.load_state_dict(shared["shared"][name])
         self._load_rank_file(path, state)

@@ -47,7 +47,7 @@ LIVE_FIELDS = frozenset({
 })
 # Changes that make the checkpoint meaningless (a dotted path equal to or below one of these).
 REFUSED_PREFIXES = ("stages", "data", "unet", "model", "diffusion", "objective", "loss.discriminator",
-                    "cache_latents", "cache_text", "lora_rank", "posthoc_ema.sigma_rels")
+                    "cache_latents", "cache_text", "lora_rank", "posthoc_ema.sigma_rels", "decoder_only")
 # Below a refused prefix but only worth an explicit override.
 OVERRIDABLE_UNDER_REFUSED = frozenset({
     "data.max_bad_fraction", "data.bad_fraction_min_seen", "data.allow_pipe_urls", "stages.text_encoder.dtype",
