@@ -63,3 +63,33 @@ def tiny_pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny_pipeline")
     tiny.tiny_pipeline(root).save_pretrained(root / "pipe")
     return root
+
+
+# The in-memory frozen stages the latent-cache and frozen-encoder tests encode with.
+
+
+@pytest.fixture(scope="session")
+def vae():
+    """The random ``tiny`` AutoencoderKL (seed 0), in eval mode; read only."""
+    from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
+
+    torch.manual_seed(0)
+    return build_autoencoder(AUTOENCODER_PRESETS["tiny"]).eval()
+
+
+@pytest.fixture(scope="session")
+def text_encoder():
+    """The packaged MiniLM at 8 tokens (fast, offline)."""
+    from text_encoder import load_text_encoder
+
+    return load_text_encoder("minilm", max_length=8)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ten distinct 24x20 images with captions: small enough to cache in a second."""
+    import _data_fixtures as fx
+
+    root = tmp_path_factory.mktemp("cache_images")
+    fx.make_image_folder(root, 10, size=(24, 20))
+    return root

@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
 from autoencoder.frozen import FrozenEncoder
-
-
-@pytest.fixture(scope="module")
-def vae():
-    torch.manual_seed(0)
-    return build_autoencoder(AUTOENCODER_PRESETS["tiny"]).eval()
 
 
 def test_fp32_posterior_equals_autoencoderkl_encode(vae) -> None:

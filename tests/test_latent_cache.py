@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import _data_fixtures as fx
 import data
-from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
 from ldm.cache import (
     CacheError,
     CacheSpec,
@@ -28,7 +26,6 @@ from ldm.cache import (
     open_cache,
     sample_latents,
 )
-from text_encoder import load_text_encoder
 
 N_IMAGES = 10
 VAE_FP = {"weights_sha256": "a" * 64, "config": "tiny"}
@@ -36,23 +33,6 @@ VAE_FP = {"weights_sha256": "a" * 64, "config": "tiny"}
 
 def _no_barrier() -> None:
     pass
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return build_autoencoder(AUTOENCODER_PRESETS["tiny"]).eval()
-
-
-@pytest.fixture(scope="module")
-def text_encoder():
-    return load_text_encoder("minilm", max_length=8)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    fx.make_image_folder(root, N_IMAGES, size=(24, 20))
-    return root
 
 
 def _cfg(images: Path, **changes) -> data.DataConfig:

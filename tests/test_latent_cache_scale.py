@@ -17,7 +17,6 @@ import torch
 import _data_fixtures as fx
 import data
 import ldm.cache.build as build_module
-from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
 from autoencoder.frozen import FrozenEncoder
 from foundation import sha256_file
 from ldm.cache import (
@@ -30,7 +29,6 @@ from ldm.cache import (
     ensure_cache,
     open_cache,
 )
-from text_encoder import load_text_encoder
 
 N_IMAGES = 10
 VAE_FP = {"weights_sha256": "a" * 64, "config": "tiny"}
@@ -38,24 +36,6 @@ VAE_FP = {"weights_sha256": "a" * 64, "config": "tiny"}
 
 def _no_barrier() -> None:
     pass
-
-
-@pytest.fixture(scope="module")
-def vae():
-    torch.manual_seed(0)
-    return build_autoencoder(AUTOENCODER_PRESETS["tiny"]).eval()
-
-
-@pytest.fixture(scope="module")
-def text_encoder():
-    return load_text_encoder("minilm", max_length=8)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    fx.make_image_folder(root, N_IMAGES, size=(24, 20))
-    return root
 
 
 def _spec(images: Path, cache_dir: Path, flip: bool = True, **changes) -> CacheSpec:
