@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # `python launch/posthoc_ema.py`
 import torch
 
 from autoencoder.folder import load_autoencoder
-from launch.training.ema import Reconstruction, reconstruct
+from launch.training.ema import Reconstruction, gamma_of, reconstruct
 from launch.training.ldm_stage import compose_pipeline
 from ldm.cli import merge_into, parse_config, to_dict
 from ldm.objective import DiffusionObjective
@@ -47,6 +47,11 @@ class PostHocEMACommand:
     """The pipeline folder to write; default RUN/pipeline_emaSIGMA (e.g. runs/ldm/pipeline_ema0.080)."""
     overwrite: bool = False
     """Replace an existing output folder."""
+
+    def __post_init__(self) -> None:
+        gamma_of(self.sigma_rel)  # an impossible width is refused at parse time, with the valid range
+        if self.step < 0:
+            raise ValueError(f"step must be >= 0 (0: the newest snapshot), got {self.step}")
 
 
 def training_config(run: Path):
