@@ -31,7 +31,6 @@ shard; ``accelerator.setup_accelerator`` refuses them with a message until that 
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -46,6 +45,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from foundation import fsync_dir, fsync_file, sha256_file
+from launch.training.state_files import (
+    generator_state,
+    global_rng_state,
+    optimizer_from_files,
+    optimizer_to_files,
+    restore_generator,
+    restore_global_rng,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,59 +118,6 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     # safetensors refuses shared storage and non-contiguous views; clone to be safe.
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
     fsync_file(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# (de)serialising optimizers and generators without pickle
-
-
-def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``opt.state_dict()`` into safetensors-ready tensors and a JSON-ready rest."""
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, per_param in sd["state"].items():
-        for name, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value
-            else:
-                scalars.setdefault(str(idx), {})[name] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, values in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def generator_state(g: torch.Generator) -> dict[str, str]:
-    return {"device": str(g.device), "state": base64.b64encode(g.get_state().numpy().tobytes()).decode()}
-
-
-def restore_generator(g: torch.Generator, saved: dict[str, str]) -> None:
-    raw = base64.b64decode(saved["state"])
-    g.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
-
-
-def _global_rng_state() -> dict[str, Any]:
-    # We draw nothing from the global RNG ourselves, but libraries might (dropout, init);
-    # restoring it too costs nothing and removes a source of divergence.
-    out = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if torch.cuda.is_available():
-        out["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
-    return out
-
-
-def _restore_global_rng(saved: dict[str, Any]) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(saved["torch"])), dtype=torch.uint8))
-    if "cuda" in saved and torch.cuda.is_available():
-        cuda = torch.frombuffer(bytearray(base64.b64decode(saved["cuda"])), dtype=torch.uint8)
-        torch.cuda.set_rng_state(cuda)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +268,7 @@ class CheckpointManager:
         payload = {
             "generators": {k: generator_state(g) for k, g in state.generators.items()},
             "per_rank": {k: obj.state_dict() for k, obj in state.per_rank.items()},
-            "global_rng": _global_rng_state(),
+            "global_rng": global_rng_state(),
         }
         _write_json(tmp / f"rank-{self.dist.process_index}.json", payload)
 
@@ -418,7 +372,7 @@ class CheckpointManager:
             restore_generator(g, mine["generators"][name])
         for name, obj in state.per_rank.items():
             obj.load_state_dict(mine["per_rank"][name])
-        _restore_global_rng(mine["global_rng"])
+        restore_global_rng(mine["global_rng"])
 
     def resume(self, state: TrainState) -> Path | None:
         """Load the newest valid checkpoint into ``state``; return its path, or None for a fresh run."""
