@@ -16,7 +16,8 @@ The classifier (launch/evaluation/emoji_classifier.py) is trained once on --data
 and cached in --cache-dir under a name derived from the data and its settings (a few minutes on 2
 CPU cores the first time). Its accuracy on --val-data (emoji it never saw, of known subcategories)
 is printed so you know how far to trust it. The data comes from
-``python launch/prepare_data.py --emoji runs/demo/data``.
+``python launch/prepare_data.py --emoji runs/demo/data``. On a busy machine run it with
+OMP_NUM_THREADS=1: the classifier's small convolutions lose more to thread contention than they gain.
 """
 
 from __future__ import annotations
