@@ -65,10 +65,11 @@ def tiny_pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-# The in-memory frozen stages the latent-cache and frozen-encoder tests encode with.
+# The in-memory frozen stages the latent-cache and frozen-encoder tests encode with: built per
+# module (as each module did before), since some tests move or cast them in place.
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vae():
     """The random ``tiny`` AutoencoderKL (seed 0), in eval mode; read only."""
     from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
@@ -77,7 +78,7 @@ def vae():
     return build_autoencoder(AUTOENCODER_PRESETS["tiny"]).eval()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def text_encoder():
     """The packaged MiniLM at 8 tokens (fast, offline)."""
     from text_encoder import load_text_encoder
@@ -85,7 +86,7 @@ def text_encoder():
     return load_text_encoder("minilm", max_length=8)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Ten distinct 24x20 images with captions: small enough to cache in a second."""
     import _data_fixtures as fx

@@ -53,6 +53,7 @@ class Batches:
                 data=cfg.data, cache_dir=cfg.cache_dir or Path(run.output_dir) / "cache",
                 vae_fingerprint=self.encoder.fingerprint(vae_fingerprint),
                 text_fingerprint=text_encoder.fingerprint if cfg.cache_text else None, num_workers=run.num_workers,
+                batch_size=run.eval_batch_size,
             )
             cache = ensure_cache(spec, vae=self.encoder, text_encoder=text_encoder if cfg.cache_text else None,
                                  rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone)
