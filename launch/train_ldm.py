@@ -24,22 +24,20 @@ import torch
 from autoencoder.folder import load_autoencoder
 from data import DataConfig
 from launch.evaluation.recognisability import quality_message
-from launch.training import ldm_stage
+from launch.training import ldm_stage, unet_setup
 from launch.training.accelerator import make_generators, setup_accelerator
 from launch.training.checkpoint import TrainState
 from launch.training.config import RunConfig, below, optimizer_problems
-from launch.training.ema import EMA, PostHocEMAConfig, PowerEMA, averaged_copy
+from launch.training.ema import EMA, PostHocEMAConfig, PowerEMA
 from launch.training.ldm_stage import UNetStep
 from launch.training.optim import GradScalerState, make_lr_schedule
 from launch.training.run import TrainingRun, already_finished, check_resume
 from ldm.cli import parse_config, to_dict
 from ldm.conditioning import DEFAULT_P_UNCOND
-from ldm.init_from import InitFromError, unet_from_source
-from ldm.lora import LoRAConfig, add_lora, export_lora_run
 from ldm.objective import DIFFUSION_PRESETS, DiffusionConfig, DiffusionObjective
 from ldm.samplers import SAMPLERS
-from ldm.unet import UNET_PRESETS, UNetConfig, build_unet, check_resolution, unet_kwargs
-from text_encoder import FingerprintMismatch, load_text_encoder
+from ldm.unet import UNET_PRESETS, UNetConfig, unet_kwargs
+from text_encoder import load_text_encoder
 
 
 @dataclass
@@ -175,28 +173,7 @@ def train(cfg: TrainLDMConfig) -> Path:
     null_hidden = text_encoder.null_embedding().hidden.to(acc.device, torch.float32)  # [1, L, D]
 
     # The trained stage: SRC's UNet (--init-from) or a fresh one, cross-attention width from the text encoder.
-    torch.manual_seed(run.seed)  # diffusers initialises weights from the global RNG; nothing else uses it
-    init = None
-    if cfg.init_from:
-        try:
-            init = unet_from_source(cfg.init_from, text_encoder, contract.to_json_dict(), contract.latent_channels,
-                                    cfg.unet.sample_size, cfg.allow_new_autoencoder)
-        except (InitFromError, FingerprintMismatch) as e:  # stages that do not fit: a sentence, not a traceback
-            raise SystemExit(f"error: {e}") from None
-        unet, cfg.unet = init.unet, init.config
-        for warning in init.warnings:
-            acc.print(f"warning: {warning}")
-    else:
-        unet = build_unet(cfg.unet, text_encoder.hidden_size, contract.latent_channels)
-    if cfg.lora_rank:
-        trainable = add_lora(unet, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha), seed=run.seed)
-        acc.print(f"LoRA rank {cfg.lora_rank}: {trainable:,} of {sum(p.numel() for p in unet.parameters()):,} parameters train")
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    try:
-        check_resolution(cfg.data.resolution, contract.downsample_factor, cfg.unet)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    unet, init = unet_setup.trained_unet(cfg, acc, text_encoder, contract)
     # What the checkpoint's meaning depends on besides the config; a rerun that changed any is refused.
     stages = {"autoencoder": contract.to_json_dict(), "text_encoder": text_encoder.fingerprint,
               "unet": unet_kwargs(cfg.unet, text_encoder.hidden_size, contract.latent_channels)}
@@ -254,7 +231,7 @@ def train(cfg: TrainLDMConfig) -> Path:
 
     training_config = {**to_dict(cfg), **({"init_from_source": init.source.record()} if init else {})}
     if cfg.lora_rank:
-        folder = _export_lora(cfg, acc, unet, ema, vae, text_encoder, objective, out, training_config)
+        folder = unet_setup.export_lora(cfg, acc, unet, ema, vae, text_encoder, objective, out, training_config)
     else:
         folder = ldm_stage.export(cfg, acc, unet, ema, vae, text_encoder, objective, out, training_config)
     tr.mark_finished(folder)
@@ -262,23 +239,6 @@ def train(cfg: TrainLDMConfig) -> Path:
         ldm_stage.plot(out)
     tr.close()
     return folder
-
-
-def _export_lora(cfg, acc, unet, ema, vae, text_encoder, objective, out: Path, training_config: dict) -> Path:
-    """OUTPUT/lora (the EMA adapter, diffusers' LoRA format), OUTPUT/pipeline (its base UNet), and
-    OUTPUT/pipeline_merged with --lora-merge; written by rank 0."""
-    if acc.is_main_process:
-        final = averaged_copy(acc.unwrap_model(unet, keep_torch_compile=False), ema)
-
-        def compose(plain_unet):
-            pipe = ldm_stage.compose_pipeline(cfg, plain_unet, vae, text_encoder, objective)
-            pipe.training_config = training_config
-            return pipe
-
-        export_lora_run(final, compose, out, base=training_config.get("init_from_source"), merge=cfg.lora_merge)
-        acc.print(f"saved {out / 'lora'} (adapter) and {out / 'pipeline'} (its base)")
-    acc.wait_for_everyone()
-    return out / "pipeline"
 
 
 def main(args: list[str] | None = None) -> None:

@@ -21,11 +21,10 @@ if __package__ in (None, ""):  # `python launch/train_vae.py` / `accelerate laun
 
 import torch
 
-from autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, TrainableAutoencoder, build_autoencoder
+from autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig
 from autoencoder.discriminator import build_discriminator
 from autoencoder.folder import save_autoencoder
 from autoencoder.losses import AUTOENCODER_LOSS_PRESETS, AutoencoderLoss, AutoencoderLossConfig
-from autoencoder.pretrained import autoencoder_config_of, freeze_encoder, load_for_training
 from data import DataConfig, build_loader
 from launch.training import vae_stage
 from launch.training.accelerator import make_generators, setup_accelerator
@@ -119,21 +118,7 @@ def train(cfg: TrainVAEConfig) -> Path:
                           world_size=acc.num_processes, num_workers=run.num_workers)
 
     # Models and optimizers; the generator optimizer holds the network and the output log-variance.
-    torch.manual_seed(run.seed)  # diffusers initialises weights from the global RNG; nothing else uses it
-    kept = None  # with --init-from a stage-1 folder: its latent contract, kept by --decoder-only
-    if cfg.init_from:
-        vae, _, kept = load_for_training(cfg.init_from, cfg.init_from_config)
-        cfg.model = autoencoder_config_of(vae)
-        if cfg.data.resolution % cfg.model.downsample_factor:
-            raise SystemExit(f"--data.resolution {cfg.data.resolution} is not a multiple of --init-from's "
-                             f"downsampling factor {cfg.model.downsample_factor}")
-    elif cfg.decoder_only:
-        raise SystemExit("--decoder-only fine-tunes an existing autoencoder: give --init-from SRC")
-    else:
-        vae = build_autoencoder(cfg.model)
-    model = TrainableAutoencoder(vae, logvar_init=cfg.loss.logvar_init)
-    if cfg.decoder_only:
-        acc.print(f"--decoder-only: {freeze_encoder(vae):,} decoder parameters train; the encoder is frozen")
+    model, kept = vae_stage.trained_autoencoder(cfg, acc)  # kept: the contract --decoder-only keeps
     disc = build_discriminator(cfg.loss.discriminator)
     loss_fn = AutoencoderLoss(cfg.loss).to(acc.device)
     opt_g = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)

@@ -18,7 +18,9 @@ from autoencoder.folder import save_autoencoder
 from autoencoder.latents import LatentStatistics, fold_latent_statistics
 from autoencoder.metrics import reconstruction_metrics
 from data import DataConfig, iterate_once
+from autoencoder import LatentContract, TrainableAutoencoder, build_autoencoder
 from autoencoder.losses import AutoencoderLoss
+from autoencoder.pretrained import autoencoder_config_of, freeze_encoder, load_for_training
 from launch.evaluation.pictures import plot_curves, reconstruction_grid
 from launch.training.config import RunConfig
 from launch.training.ema import EMA, averaged_copy
@@ -27,6 +29,28 @@ from launch.training.tracking import add_logs, read_metrics
 
 if TYPE_CHECKING:  # the command owns its config; imported for annotations only
     from launch.train_vae import TrainVAEConfig
+
+
+def trained_autoencoder(cfg: TrainVAEConfig, acc: Accelerator) -> tuple[TrainableAutoencoder, LatentContract | None]:
+    """The network stage 1 trains: a fresh one from ``cfg.model``, or ``--init-from``'s weights (then
+    ``cfg.model`` becomes its architecture), with the encoder frozen under ``--decoder-only``.
+    Also returns the latent contract of an ``--init-from`` stage-1 folder (else None)."""
+    torch.manual_seed(cfg.run.seed)  # diffusers initialises weights from the global RNG; nothing else uses it
+    kept = None
+    if cfg.init_from:
+        vae, _, kept = load_for_training(cfg.init_from, cfg.init_from_config)
+        cfg.model = autoencoder_config_of(vae)
+        if cfg.data.resolution % cfg.model.downsample_factor:
+            raise SystemExit(f"--data.resolution {cfg.data.resolution} is not a multiple of --init-from's "
+                             f"downsampling factor {cfg.model.downsample_factor}")
+    elif cfg.decoder_only:
+        raise SystemExit("--decoder-only fine-tunes an existing autoencoder: give --init-from SRC")
+    else:
+        vae = build_autoencoder(cfg.model)
+    model = TrainableAutoencoder(vae, logvar_init=cfg.loss.logvar_init)
+    if cfg.decoder_only:
+        acc.print(f"--decoder-only: {freeze_encoder(vae):,} decoder parameters train; the encoder is frozen")
+    return model, kept
 
 
 @dataclass
