@@ -8,6 +8,8 @@ ten generated PNGs with .txt captions (copied per test where a test edits them).
 
 from __future__ import annotations
 
+import os
+
 import shutil
 from pathlib import Path
 
@@ -212,6 +214,7 @@ def encode(*args, **kwargs):
     return real(*args, **kwargs)
 
 build_module.encode_batch = encode
+torch.set_num_threads(1)  # as the test process (conftest): other thread counts round convolutions differently
 torch.manual_seed(0)
 vae = build_autoencoder(AUTOENCODER_PRESETS["tiny"]).eval()
 cfg = data.DataConfig(source=sys.argv[1], resolution=16, flip=True)
@@ -229,7 +232,7 @@ def test_sigkilled_build_resumes_to_the_same_bytes(tmp_path, images, vae):
     _ensure(straight, vae)
     killed = straight.replace(cache_dir=tmp_path / "killed")
     proc = subprocess.run([sys.executable, "-c", _KILLED_BUILD, str(images), str(killed.cache_dir)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (killed.cache_dir / "rank000-00000.safetensors").is_file()
     assert not (killed.cache_dir / "cache_manifest.json").exists() and not cache_is_valid(killed.cache_dir, killed.key)
