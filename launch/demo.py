@@ -75,6 +75,13 @@ class DemoConfig:
     seed: int = 0
     """Seed of the first final sample (image k uses seed + k)."""
 
+    def __post_init__(self) -> None:
+        for name in ("vae_minutes", "ldm_minutes"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: the default budget), not {getattr(self, name)}")
+        if not self.cpu_total_minutes > 0:
+            raise ValueError(f"--cpu-total-minutes must be > 0, not {self.cpu_total_minutes}")
+
 
 def _run(cmd: list[str], title: str) -> float:
     print(f"\n=== {title}\n$ {shlex.join(cmd)}", flush=True)
