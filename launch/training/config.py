@@ -32,7 +32,10 @@ class RunConfig:
     warmup_steps: int = 100
     """Linear LR warmup from 0 over this many steps."""
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    """LR after warmup: constant, cosine decay or linear decay to 0 at max_steps."""
+    """LR after warmup: constant, cosine decay or linear decay to 0 at max_steps (or lr_schedule_steps)."""
+    lr_schedule_steps: int = 0
+    """Step at which the cosine/linear decay reaches 0; 0: max_steps. For runs stopped early on purpose
+    (a time budget, a sweep) that should follow a longer run's schedule."""
     ema_decay: float = 0.999
     """0 disables EMA."""
     checkpoint_every: int = 500
@@ -88,7 +91,7 @@ def run_config_problems(run: RunConfig) -> list[str]:
 _INT_MINIMUMS = {
     "max_steps": 1, "batch_size": 1, "grad_accum_steps": 1, "warmup_steps": 0, "checkpoint_every": 1, "keep_last": 1,
     "log_every": 1, "max_skipped_steps": 0, "skip_window": 1, "num_workers": 0, "eval_batch_size": 1,
-    "process_group_timeout_s": 1, "crash_after_step": 0,
+    "process_group_timeout_s": 1, "crash_after_step": 0, "lr_schedule_steps": 0,
 }
 
 

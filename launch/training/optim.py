@@ -14,7 +14,7 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, run: RunConfig):
     from diffusers.optimization import get_scheduler
 
     name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[run.lr_schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=run.warmup_steps, num_training_steps=run.max_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=run.warmup_steps, num_training_steps=run.lr_schedule_steps or run.max_steps)
 
 
 class GradScalerState:

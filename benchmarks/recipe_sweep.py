@@ -1,0 +1,202 @@
+"""Stage-3 recipes compared on the emoji set: same autoencoder, same latent cache, same step budget.
+
+    python benchmarks/recipe_sweep.py --variants today flow flow_attn16 --out runs/sweep
+    python benchmarks/recipe_sweep.py --variants today flow --steps 600 --parallel 2 --threads 1
+
+Every variant trains `launch/train_ldm.py --preset small` on ``--data`` with the autoencoder
+``--vae`` and one shared ``--cache-dir`` (latents and text are encoded once for all variants that
+share a text encoder), for ``--steps`` steps whose LR schedule follows the demo's (cosine over
+``--schedule-steps``, which the time-capped demo stops early). Variants that change the cost of a
+step are given their step count from the measured seconds per step (``steps_scale``, from a short
+interleaved timing on a quiet machine), so every variant gets the same wall-clock of training: a
+fixed step count keeps the comparison fair when the machine is shared, where a wall-clock budget
+would not be. Each finished pipeline is then scored by ``benchmarks/demo_quality.py`` (its
+classifier cached once) at ``--guidance``; the table and a JSON of every number go to ``--out``.
+A variant whose pipeline already exists is scored, not retrained (delete its folder to rerun).
+
+The held-out loss (EMA weights, fixed noise and timesteps) is comparable only between variants of
+the same objective: a velocity MSE (flow) is not an epsilon MSE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python benchmarks/recipe_sweep.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ldm.cli import parse_config
+
+FLOW = ["--diffusion.schedule.prediction-type", "flow_prediction", "--diffusion.timestep-sampling", "logit_normal",
+        "--diffusion.min-snr-gamma", "None"]
+ATTN16 = ["--unet.attention-levels", "True", "True", "True"]  # tuple[bool, ...] fields take values
+
+
+@dataclass(frozen=True)
+class Variant:
+    args: tuple[str, ...]
+    """Extra train_ldm arguments on top of the demo's."""
+    about: str
+    """What the variant changes, for the table."""
+    steps_scale: float = 1.0
+    """Steps relative to --steps (seconds per step of `today` / of this variant, measured)."""
+
+
+VARIANTS: dict[str, Variant] = {
+    "today": Variant((), "the demo's recipe: eps, min-SNR 5, uniform t, lr 2e-3, EMA 0.999"),
+    "flow": Variant(tuple(FLOW) + ("--posthoc-ema.snapshot-every", "100"),
+                    "rectified flow, velocity target, logit-normal(0, 1) t"),
+    "flow_lr3e-3": Variant(tuple(FLOW) + ("--lr", "3e-3"), "flow, lr 3e-3"),
+    "flow_lr1e-3": Variant(tuple(FLOW) + ("--lr", "1e-3"), "flow, lr 1e-3"),
+    "vpred": Variant(("--diffusion.schedule.prediction-type", "v_prediction", "--diffusion.schedule.zero-terminal-snr"), "v-prediction, zero terminal SNR, min-SNR 5"),
+    "flow_attn16": Variant(tuple(FLOW) + tuple(ATTN16), "flow, attention also at 16x16", steps_scale=1.0),
+    "flow_ema9995": Variant(tuple(FLOW) + ("--run.ema-decay", "0.9995"), "flow, EMA 0.9995"),
+    "flow_ema995": Variant(tuple(FLOW) + ("--run.ema-decay", "0.995"), "flow, EMA 0.995"),
+    "flow_b64": Variant(tuple(FLOW) + ("--run.batch-size", "64", "--lr", "3e-3"), "flow, batch 64, lr 3e-3",
+                        steps_scale=0.5),
+    "flow_const": Variant(tuple(FLOW) + ("--run.lr-schedule", "constant"), "flow, constant LR after warmup"),
+    "flow_anneal": Variant(tuple(FLOW) + ("--run.lr-schedule-steps", "0"), "flow, cosine annealed to 0 at the end"),
+}
+
+
+@dataclass
+class SweepConfig:
+    """Train each stage-3 variant at the same step budget on one cache and score it."""
+
+    variants: tuple[str, ...] = ("today", "flow")
+    """Which of VARIANTS to run (see the source for their arguments)."""
+    out: Path = Path("runs/sweep")
+    """One folder per variant, plus sweep.json and sweep.md."""
+    vae: Path = Path("runs/demo/vae/model")
+    """The stage-1 autoencoder every variant shares (the demo's)."""
+    data: str = "runs/demo/data/train"
+    """Training data (the emoji set from `prepare_data.py --emoji`)."""
+    val_data: str = "runs/demo/data/val"
+    """Held-out data for the held-out loss."""
+    text_encoder: str = "minilm?max_length=24"
+    """The demo's text encoder."""
+    steps: int = 600
+    """Steps per variant (the demo trains ~600 in its 8 minutes on 2 cores)."""
+    schedule_steps: int = 1500
+    """The cosine schedule's horizon (the demo's max_steps, reached by no time-capped run)."""
+    threads: int = 1
+    """Torch threads per training process."""
+    parallel: int = 2
+    """Variants trained at the same time (threads x parallel should be the machine's cores)."""
+    guidance: tuple[float, ...] = (1.0, 4.0)
+    """Guidance scales the benchmark scores."""
+    extra: tuple[str, ...] = ()
+    """More train_ldm arguments for every variant."""
+    quality_args: tuple[str, ...] = ()
+    """More demo_quality arguments (e.g. --sampler)."""
+
+
+def train_command(cfg: SweepConfig, name: str) -> list[str]:
+    v = VARIANTS[name]
+    steps = max(1, round(cfg.steps * v.steps_scale))
+    schedule = max(1, round(cfg.schedule_steps * v.steps_scale))
+    return [sys.executable, "launch/train_ldm.py", "--preset", "small", "--data", cfg.data, "--val-data", cfg.val_data,
+            "--vae", str(cfg.vae), "--text-encoder", cfg.text_encoder, "--cache-latents", "--cache-text",
+            "--cache-dir", str(cfg.out / "cache"), "--run.output-dir", str(cfg.out / name),
+            "--run.max-steps", str(steps), "--run.lr-schedule-steps", str(schedule), "--run.num-workers", "0",
+            "--run.checkpoint-every", str(steps), "--sample-every", str(steps), "--run.report-to", "none",
+            *cfg.extra, *v.args]
+
+
+def env_for(cfg: SweepConfig) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads),
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def train_all(cfg: SweepConfig, names: list[str]) -> dict[str, float]:
+    """Train the variants without a pipeline, `parallel` at a time; {name: wall seconds}."""
+    todo = [n for n in names if not (cfg.out / n / "pipeline" / "finished.json").exists()]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    seconds: dict[str, float] = {}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    # The first variant builds the shared cache alone, so parallel builds do not race for it.
+    manifest = cfg.out / "cache" / "cache_manifest.json"
+    while todo or running:
+        while todo and len(running) < (cfg.parallel if manifest.exists() or not running else 1):
+            name = todo.pop(0)
+            log = open(cfg.out / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+            print(f"[sweep] training {name}: {' '.join(train_command(cfg, name)[2:])}", flush=True)
+            running[name] = (subprocess.Popen(train_command(cfg, name), stdout=log, stderr=subprocess.STDOUT,
+                                              env=env_for(cfg)), time.time())
+        time.sleep(5)
+        for name, (proc, start) in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                seconds[name] = time.time() - start
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {cfg.out}/{name}.log)"
+                print(f"[sweep] {name} {status} in {seconds[name] / 60:.1f} min", flush=True)
+    return seconds
+
+
+def last_val_loss(folder: Path) -> tuple[int, float | None]:
+    step, loss = 0, None
+    path = folder / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("kind") == "val" and "val_loss" in row:
+                step, loss = row["step"], row["val_loss"]
+    return step, loss
+
+
+def score(cfg: SweepConfig, name: str) -> dict | None:
+    pipe = cfg.out / name / "pipeline"
+    if not (pipe / "finished.json").exists():
+        return None
+    out = cfg.out / name / "quality.json"
+    if not out.exists():
+        cmd = [sys.executable, "benchmarks/demo_quality.py", "--model", str(pipe), "--data", cfg.data,
+               "--val-data", "", "--guidance", *map(str, cfg.guidance), "--json", str(out), *cfg.quality_args]
+        subprocess.run(cmd, check=True, env={**env_for(cfg), "OMP_NUM_THREADS": str(cfg.threads * cfg.parallel)})
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def table(cfg: SweepConfig, names: list[str]) -> tuple[str, dict]:
+    head = "| variant | what | steps | held-out loss | " + " | ".join(
+        f"sub ratio g{g:g} | cat ratio g{g:g} | FD g{g:g}" for g in cfg.guidance) + " |"
+    lines = [head, "|" + "---|" * (4 + 3 * len(cfg.guidance))]
+    everything = {}
+    for name in names:
+        q = score(cfg, name)
+        step, loss = last_val_loss(cfg.out / name)
+        everything[name] = {"args": list(VARIANTS[name].args), "steps": step, "val_loss": loss, "quality": q}
+        if q is None:
+            lines.append(f"| {name} | {VARIANTS[name].about} | {step} | - | failed |")
+            continue
+        cells = []
+        for g in cfg.guidance:
+            r = next(v for k, v in q["guidance"].items() if float(k) == g)
+            cells += [f"{r['subcategory_ratio']:.3f}", f"{r['category_ratio']:.3f}", f"{r['fd']:.2f}"]
+        lines.append(f"| {name} | {VARIANTS[name].about} | {step} | {loss:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), everything
+
+
+def main(args: list[str] | None = None) -> None:
+    cfg = parse_config(SweepConfig, args=args)
+    unknown = [n for n in cfg.variants if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    names = list(cfg.variants)
+    train_all(cfg, names)
+    text, everything = table(cfg, names)
+    print(text)
+    (cfg.out / "sweep.md").write_text(text + "\n", encoding="utf-8")
+    (cfg.out / "sweep.json").write_text(json.dumps(everything, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
