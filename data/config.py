@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from data.captions import TagShuffle
 
 
 class DataConfigError(ValueError):
@@ -46,6 +49,12 @@ class DataConfig:
 
     missing_caption: Literal["skip", "empty"] = "skip"
     """An image without any caption is skipped (and counted), or trained on as unconditional."""
+    shuffle_tags: bool = False
+    """Tag-style captions ("1girl, solo, red hair"): permute the tags of each sample anew every epoch (training only, not with the latent cache)."""
+    keep_tags: int = 0
+    """With shuffle_tags: the first this many tags stay in place (e.g. a trigger word or the subject)."""
+    tag_separator: str = ","
+    """With shuffle_tags: what separates tags; they are joined again with it and one space."""
     max_image_pixels: int = 64_000_000
     """Images declaring more pixels than this are refused before decoding (decompression bombs)."""
     min_image_side: int = 16
@@ -100,6 +109,10 @@ class DataConfig:
             out.append(f"resample={self.resample!r} must be 'bicubic' or 'bilinear'")
         if self.missing_caption not in ("skip", "empty"):
             out.append(f"missing_caption={self.missing_caption!r} must be 'skip' or 'empty'")
+        if self.keep_tags < 0:
+            out.append(f"keep_tags={self.keep_tags} must be >= 0")
+        if not self.tag_separator:
+            out.append("tag_separator must not be empty (e.g. ',' or ';')")
         if self.max_image_pixels < 1:
             out.append("max_image_pixels must be positive")
         if not self.max_aspect_ratio >= 1.0:  # also refuses nan
@@ -125,6 +138,18 @@ class DataConfig:
                        "for one source of a mix use cfg.with_source(SPEC)")
         out.extend(mix_problems(self.sources))
         return out
+
+    def tag_shuffle(self) -> TagShuffle | None:
+        """The tag-shuffling rule training samples get, or None when shuffle_tags is off."""
+        from data.captions import TagShuffle
+
+        return TagShuffle(keep=self.keep_tags, separator=self.tag_separator) if self.shuffle_tags else None
+
+    def shuffles_tags(self) -> bool:
+        """Whether this config or any source of its mix shuffles tags (the latent cache cannot)."""
+        from data.mix import parse_source_entry
+
+        return self.shuffle_tags or any(parse_source_entry(e).data_config(self).shuffle_tags for e in self.sources)
 
     def with_source(self, spec: str) -> DataConfig:
         """This config reading `spec` alone (e.g. validation data), whatever `source`/`sources` were."""

@@ -7,8 +7,9 @@ An entry is SPEC or SPEC#OPTIONS, OPTIONS being `name=value` pairs joined by `&`
 
     repeat=R           each of the source's samples is seen R times per epoch (default 1; 0.5: half of them)
     weight=W           the source's share of all batches instead, W / sum of weights (all or none set it)
-    caption_column, missing_caption, image_column, key_column, split
-                       as the DataConfig fields, for this source alone (default: the DataConfig's)
+    caption_column, missing_caption, image_column, key_column, split, shuffle_tags, keep_tags, tag_separator
+                       as the DataConfig fields, for this source alone (default: the DataConfig's);
+                       shuffle_tags takes true/false, e.g. `tags/#shuffle_tags=true&keep_tags=1`
 
 In a --config file an entry may also be an object: {"source": "photos/", "repeat": 3, ...}.
 
@@ -25,7 +26,9 @@ from typing import Any, Literal
 from data.config import DataConfig
 
 SEPARATOR = "#"
-PER_SOURCE_FIELDS = ("caption_column", "missing_caption", "image_column", "key_column", "split")
+PER_SOURCE_FIELDS = ("caption_column", "missing_caption", "image_column", "key_column", "split", "shuffle_tags",
+                     "keep_tags", "tag_separator")
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class SourceConfig:
     """Key column of this source (default: the DataConfig's)."""
     split: str | None = None
     """Split of this source (default: the DataConfig's)."""
+    shuffle_tags: bool | None = None
+    """Shuffle this source's tag-style captions (default: the DataConfig's)."""
+    keep_tags: int | None = None
+    """Tags of this source kept in place when shuffling (default: the DataConfig's)."""
+    tag_separator: str | None = None
+    """Tag separator of this source's captions (default: the DataConfig's)."""
 
     def data_config(self, base: DataConfig) -> DataConfig:
         """The DataConfig that reads this source alone."""
@@ -67,13 +76,32 @@ def parse_source_entry(entry: str) -> SourceConfig:
         name = name.strip().replace("-", "_")
         if not eq or name not in known:
             raise ValueError(f"sources entry {entry!r}: {pair!r} is not one of {sorted(known)} as name=value")
-        values[name] = float(value) if name in ("repeat", "weight") else value.strip()
+        values[name] = _option_value(entry, name, value)
     source = SourceConfig(source=spec.strip(), **values)
     if source.repeat < 0 or (source.weight is not None and source.weight <= 0):
         raise ValueError(f"sources entry {entry!r}: repeat must be >= 0 and weight > 0")
     if source.missing_caption not in (None, "skip", "empty"):
         raise ValueError(f"sources entry {entry!r}: missing_caption must be 'skip' or 'empty'")
     return source
+
+
+def _option_value(entry: str, name: str, value: str) -> object:
+    """One option's typed value; the separator is kept as written (it may be a space)."""
+    if name in ("repeat", "weight"):
+        return float(value)
+    if name == "keep_tags":
+        if not value.strip().isdigit():
+            raise ValueError(f"sources entry {entry!r}: keep_tags must be a whole number >= 0, not {value!r}")
+        return int(value)
+    if name == "shuffle_tags":
+        if value.strip().lower() not in BOOLEAN_WORDS:
+            raise ValueError(f"sources entry {entry!r}: shuffle_tags must be true or false, not {value!r}")
+        return BOOLEAN_WORDS[value.strip().lower()]
+    if name == "tag_separator":
+        if not value:
+            raise ValueError(f"sources entry {entry!r}: tag_separator must not be empty")
+        return value
+    return value.strip()
 
 
 def format_source_entry(value: dict[str, Any]) -> str:

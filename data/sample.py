@@ -4,9 +4,9 @@ A sample: {"image": float32 [3, H, W] in [-1, 1], "caption": str, "key": str, "o
 "crop_top_left": (top, left)} (the crop's corner in the resized image, SDXL's c_crop conditioning).
 Square by default; with a bucket (W_b, H_b) the image is resized to cover it (data/buckets.py).
 
-All per-sample randomness (crop position, flip, choice among list captions) comes from a generator
-seeded by (seed, epoch, sample identity), never from a global or per-worker RNG, so a sample looks
-the same whatever the worker count, process count or resume point.
+All per-sample randomness (crop position, flip, choice among list captions, tag order) comes from
+a generator seeded by (seed, epoch, sample identity), never from a global or per-worker RNG, so a
+sample looks the same whatever the worker count, process count or resume point.
 """
 
 from __future__ import annotations
@@ -48,13 +48,15 @@ class SampleDraws:
     crop_y: float
     flip: float
     caption: float
+    tags: int | None = None
+    """64-bit seed of the tag shuffle (data/captions.py); None: tags keep their order."""
 
 
 def sample_draws(seed: int, epoch: int, identity: int | str) -> SampleDraws:
     """Draws for one sample from a generator seeded by (seed, epoch, identity) alone."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{identity}".encode(), digest_size=8).digest()
     rng = random.Random(int.from_bytes(digest, "little"))
-    return SampleDraws(rng.random(), rng.random(), rng.random(), rng.random())
+    return SampleDraws(rng.random(), rng.random(), rng.random(), rng.random(), rng.getrandbits(64))
 
 
 CENTER_DRAWS = SampleDraws(0.5, 0.5, 1.0, 0.0)
@@ -85,7 +87,8 @@ def make_sample(record: RawRecord, cfg: DataConfig, draws: SampleDraws, *, augme
     if record.problem is not None:
         raise BadSample(*record.problem)
     # The caption first: a sample skipped for its caption costs no image decode.
-    caption = resolve_caption(record.caption, missing=cfg.missing_caption, choice=draws.caption)
+    caption = resolve_caption(record.caption, missing=cfg.missing_caption, choice=draws.caption,
+                              tags=cfg.tag_shuffle(), tag_seed=draws.tags if augment else None)
     draft = (cfg.resolution if bucket is None else max(bucket)) if cfg.jpeg_draft else None
     img, original_size = decode_record(record, cfg, draft_min_side=draft)
     original_size = stored_original_size(record) or original_size

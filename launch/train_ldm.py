@@ -126,6 +126,10 @@ class TrainLDMConfig:
                             "(benchmarks/demo_quality.py trains and caches one)")
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             problems.append(f"lora_alpha={self.lora_alpha} must be a positive number or None")
+        if (self.cache_latents or self.cache_text) and self.data.shuffles_tags():
+            problems.append("--data.shuffle-tags permutes tags anew each epoch on the fly, but the latent cache stores "
+                            "each caption once in its stored order (and --cache-text one embedding of it): train "
+                            "without --cache-latents/--cache-text, or without --data.shuffle-tags")
         if self.data.resolution % self.unet.downsample_factor:
             problems.append(f"data.resolution={self.data.resolution} must be a multiple of {self.unet.downsample_factor} "
                             f"(the UNet's {len(self.unet.block_out_channels)} levels) times the autoencoder's factor")
