@@ -1,9 +1,9 @@
-"""ldm.conditioning.drop_captions: per-sample, generator-driven, on embeddings."""
+"""ldm.conditioning: per-sample, generator-driven caption dropout (mask, then the null embedding)."""
 
 import pytest
 import torch
 
-from ldm.conditioning import drop_captions
+from ldm.conditioning import apply_dropout, drop_captions, dropout_mask
 
 
 def _hidden(b=64, seed=0):
@@ -52,3 +52,13 @@ def test_mismatched_null_embedding_is_refused():
         drop_captions(hidden, torch.zeros(1, 7, 8), 0.1, torch.Generator())
     with pytest.raises(ValueError, match="p_uncond"):
         drop_captions(hidden, torch.zeros(1, 5, 8), 1.5, torch.Generator())
+
+
+def test_mask_first_then_apply_equals_drop_captions():
+    """Training draws the mask before encoding; it must be the mask drop_captions draws from the same state."""
+    hidden, null = _hidden()
+    out, dropped = drop_captions(hidden, null, 0.3, torch.Generator().manual_seed(7))
+    mask = dropout_mask(len(hidden), 0.3, torch.Generator().manual_seed(7))
+    assert torch.equal(mask, dropped) and torch.equal(apply_dropout(hidden, null, mask), out)
+    with pytest.raises(ValueError, match="dropout mask"):
+        apply_dropout(hidden, null, mask[:3])

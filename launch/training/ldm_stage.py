@@ -22,7 +22,7 @@ from launch.training.ema import EMA, averaged_copy
 from launch.training.guard import StepGuard
 from launch.training.tracking import read_metrics
 from ldm.cache import CachedLatentLoader, CacheSpec, ensure_cache, sample_latents
-from ldm.conditioning import drop_captions
+from ldm.conditioning import apply_dropout, dropout_mask
 from ldm.objective import DiffusionObjective
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.unet import unet_denoiser
@@ -66,20 +66,40 @@ class Batches:
             self.cached = False
         self._it = iter(self.loader)
 
+    def fetch(self) -> dict[str, Any]:
+        """The next loader batch: pixels and captions on the fly, latent statistics (and text) cached."""
+        return next(self._it)
+
+    @staticmethod
+    def size(batch: dict[str, Any]) -> int:
+        """The number of samples B in a ``fetch``ed batch."""
+        return len(batch["latent_mean"] if "latent_mean" in batch else batch["pixel_values"])
+
     @torch.no_grad()
-    def next(self, latent_generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = next(self._it)
+    def condition(self, batch: dict[str, Any], latent_generator: torch.Generator, dropped: torch.Tensor,
+                  null_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents [B, C, h, w], text hidden [B, L, D]) in fp32 on the device, rows where ``dropped`` [B]
+        is True holding ``null_hidden`` [1, L, D].
+
+        On the fly only the kept captions are encoded: the dropped rows would be replaced anyway, so
+        skipping them gives the same tensor with fewer text-encoder rows (every caption once; see
+        ``ldm.conditioning``)."""
         device = self.acc.device
         if self.cached:
             latents = sample_latents(batch["latent_mean"], batch["latent_std"], latent_generator)
         else:
             posterior = self.encoder.encode(batch["pixel_values"].to(device)).latent_dist
             latents = posterior.sample(generator=latent_generator)
+        latents = latents.to(device, torch.float32)
         if self.cached and self.cached_text:
-            hidden = batch["text_hidden"]
-        else:
-            hidden = self.text_encoder.encode(list(batch["captions"])).hidden
-        return latents.to(device, torch.float32), hidden.to(device, torch.float32)
+            hidden = apply_dropout(batch["text_hidden"].to(device, torch.float32), null_hidden, dropped)
+            return latents, hidden
+        dropped = dropped.to(device)
+        hidden = null_hidden.to(device, torch.float32).expand(len(dropped), -1, -1).clone()  # [B, L, D]
+        kept = [c for c, d in zip(batch["captions"], dropped.tolist()) if not d]
+        if kept:
+            hidden[~dropped] = self.text_encoder.encode(kept).hidden.to(device, torch.float32)
+        return latents, hidden
 
 
 @dataclass
@@ -107,9 +127,11 @@ def train_step(s: UNetStep, step: int) -> tuple[dict[str, torch.Tensor], bool]:
     logs: dict[str, torch.Tensor] = {}
     denoise = unet_denoiser(unet)
     for i in range(n):
-        latents, hidden = s.batches.next(s.gens["latent"])
-        # Caption dropout for classifier-free guidance: the one place it happens (Ho & Salimans 2022).
-        cond, dropped = drop_captions(hidden, s.null_hidden, s.p_uncond, s.gens["dropout"])
+        batch = s.batches.fetch()
+        # Caption dropout for classifier-free guidance: the one place it happens (Ho & Salimans 2022),
+        # drawn before encoding so that dropped captions are never encoded.
+        dropped = dropout_mask(s.batches.size(batch), s.p_uncond, s.gens["dropout"])  # [B] bool
+        latents, cond = s.batches.condition(batch, s.gens["latent"], dropped, s.null_hidden)
         with acc.no_sync(unet) if i < n - 1 else nullcontext():
             with acc.autocast():
                 loss, step_logs = s.objective.loss(denoise, latents, cond, s.gens["diffusion"])
