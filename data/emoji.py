@@ -3,6 +3,9 @@
 3,786 images: 1,911 base emoji and 1,875 skin-tone variants. Images: Apache-2.0 (Google Noto
 Emoji); package: MIT. Captions are the lower-cased Unicode names, variants named like CLDR does
 ("waving hand sign: medium skin tone"); category, subcategory and short names go into the metadata.
+With captions="variants" each training image stores a list of captions instead (see
+`caption_variants`), one of which the loader picks per epoch; the name stays the first (what the
+recognisability benchmark's prompts use), and validation images keep the name alone.
 Every tenth base emoji (in the package's sort order), with all its skin-tone variants, is held out
 for validation, so no emoji leaks between the splits.
 """
@@ -15,7 +18,7 @@ import json
 import tarfile
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from data.sample import RawRecord
 
@@ -34,6 +37,9 @@ SKIN_TONES = {
     "1F3FF": "dark skin tone",
 }
 VALIDATION_EVERY = 10
+CaptionStyle = Literal["name", "variants"]
+CAPTION_STYLES: tuple[str, ...] = ("name", "variants")
+FLAG_SUBCATEGORIES = ("country-flag", "subdivision-flag")
 
 
 def integrity_of(data: bytes) -> str:
@@ -84,25 +90,64 @@ def skin_tone_name(variation: str) -> str:
     return tones[0] if len(set(tones)) == 1 else ", ".join(tones)
 
 
-def emoji_records(entries: list[dict[str, Any]], images: dict[str, bytes]) -> tuple[list[RawRecord], list[RawRecord]]:
-    """(train, validation) records: every Google image of every base emoji and skin-tone variant."""
+def caption_variants(entry: dict[str, Any], tone: str | None = None) -> list[str]:
+    """Every caption of one image, built from its emoji.json entry (``tone``: its skin tone's name).
+
+    In this order, duplicates dropped: the lower-cased name, so prompts phrased like the training
+    names stay in distribution (emoji.json holds Unicode names: "heavy black heart", not CLDR's
+    "red heart"); for a flag named "X Flag" also CLDR's "flag: x"; each short name with underscores
+    and hyphens as spaces ("thumbsup", "flag jp"); then the name followed by its subcategory and
+    category words ("heavy black heart, heart, smileys & emotion"). A skin tone follows the name
+    part of each ("wave: medium skin tone").
+    """
+    suffix = f": {tone}" if tone else ""
+    name = entry["name"].lower()
+    names = [name]
+    if entry.get("subcategory") in FLAG_SUBCATEGORIES and name.endswith(" flag"):
+        names.append("flag: " + name[: -len(" flag")])
+    names += [" ".join(short.replace("_", " ").replace("-", " ").split()) for short in entry.get("short_names") or []]
+    variants = [n + suffix for n in names if n]
+    words = [" ".join(str(entry[k]).lower().replace("-", " ").split()) for k in ("subcategory", "category") if entry.get(k)]
+    if words:
+        variants.append(", ".join([name + suffix, *words]))
+    return list(dict.fromkeys(variants))  # the first of each, in order
+
+
+def emoji_records(entries: list[dict[str, Any]], images: dict[str, bytes],
+                  captions: CaptionStyle = "name") -> tuple[list[RawRecord], list[RawRecord]]:
+    """(train, validation) records: every Google image of every base emoji and skin-tone variant.
+
+    ``captions``: "name" gives each image its lower-cased name (with the skin tone) as its caption;
+    "variants" gives each training image the list ``caption_variants`` builds (whose first entry is
+    that same name). Validation images keep the name alone either way: a held-out loss measured on
+    the names stays comparable between runs trained with and without variants (a deterministic pass
+    over list captions would otherwise fix a random variant per image).
+    """
+    if captions not in CAPTION_STYLES:
+        raise ValueError(f"captions={captions!r} must be one of {', '.join(CAPTION_STYLES)}")
     train: list[RawRecord] = []
     val: list[RawRecord] = []
     base = sorted((e for e in entries if e.get("has_img_google")), key=lambda e: e["sort_order"])
     for n, entry in enumerate(base):
-        split = val if n % VALIDATION_EVERY == VALIDATION_EVERY - 1 else train
-        name = entry["name"].lower()
+        held_out = n % VALIDATION_EVERY == VALIDATION_EVERY - 1
+        split, style = (val, "name") if held_out else (train, captions)
         shared = {"category": entry["category"], "subcategory": entry["subcategory"],
                   "short_names": entry["short_names"], "base": entry["unified"], "sort_order": entry["sort_order"]}
-        split.append(_record(entry, name, {**shared, "skin_tone": None}, images))
+        split.append(_record(entry, _caption(entry, None, style), {**shared, "skin_tone": None}, images))
         for variation, variant in sorted(entry.get("skin_variations", {}).items()):
             if variant.get("has_img_google"):
                 tone = skin_tone_name(variation)
-                split.append(_record(variant, f"{name}: {tone}", {**shared, "skin_tone": tone}, images))
+                split.append(_record(variant, _caption(entry, tone, style), {**shared, "skin_tone": tone}, images))
     return train, val
 
 
-def _record(entry: dict[str, Any], caption: str, metadata: dict[str, Any], images: dict[str, bytes]) -> RawRecord:
+def _caption(entry: dict[str, Any], tone: str | None, style: CaptionStyle) -> str | list[str]:
+    if style == "name":
+        return entry["name"].lower() + (f": {tone}" if tone else "")
+    return caption_variants(entry, tone)
+
+
+def _record(entry: dict[str, Any], caption: str | list[str], metadata: dict[str, Any], images: dict[str, bytes]) -> RawRecord:
     file_name = entry["image"]
     record = RawRecord(key=file_name.rsplit(".", 1)[0], origin=f"{PACKAGE}@{VERSION}", caption=caption,
                        metadata={**metadata, "unified": entry["unified"]})

@@ -3,6 +3,7 @@
     python launch/prepare_data.py --data SPEC --out OUT            # shards + OUT/stats.json
     python launch/prepare_data.py --data SPEC --validate           # read and report, write nothing
     python launch/prepare_data.py --emoji OUT                      # demo set: OUT/train, OUT/val
+    python launch/prepare_data.py --emoji OUT --emoji-captions variants   # ... with several captions per image
 
 `--data SPEC` is short for `--data.source SPEC`; other source options are `--data.caption-column`,
 `--data.missing-caption`, ... (see data/config.py). Rerunning a finished command does nothing; an
@@ -43,6 +44,11 @@ class PrepareDataConfig:
     """Only read and decode the source; print every bad sample and a summary; write nothing."""
     emoji: str = ""
     """Fetch the Noto emoji demo set (npm emoji-datasource-google 16.0.0) and prepare it in this folder."""
+    emoji_captions: emoji_set.CaptionStyle = "name"
+    """--emoji captions: name (the lower-cased Unicode name, skin tone appended) or variants (a list per training
+    image, one picked per epoch: the name first, CLDR's "flag: x" for flags, the short names, the name with its
+    subcategory and category: "heavy black heart", "heart", "heavy black heart, heart, smileys & emotion").
+    Validation images keep the name either way."""
     download_dir: str = "downloads"
     """Where downloaded archives are cached (gitignored)."""
     image_format: Literal["png", "jpeg"] = "png"
@@ -138,13 +144,15 @@ def prepare_emoji(cfg: PrepareDataConfig) -> dict[str, Any]:
     settings = {**settings_of(PrepareDataConfig(data=data_cfg, max_side=cfg.max_side, image_format=cfg.image_format,
                                                 jpeg_quality=cfg.jpeg_quality, samples_per_shard=cfg.samples_per_shard,
                                                 shuffle_seed=cfg.shuffle_seed)),
-                "integrity": emoji_set.INTEGRITY}
+                "integrity": emoji_set.INTEGRITY,
+                # Only when not the default, so folders prepared before the option existed stay complete.
+                **({"emoji_captions": cfg.emoji_captions} if cfg.emoji_captions != "name" else {})}
     if is_complete(out / "stats.json", settings):
         print(f"{out} already holds the prepared emoji set; nothing to do.")
         return json.loads((out / "stats.json").read_text(encoding="utf-8"))
     start = time.perf_counter()
     tarball = emoji_set.fetch_tarball(Path(cfg.download_dir))
-    train, val = emoji_set.emoji_records(*emoji_set.read_package(tarball))
+    train, val = emoji_set.emoji_records(*emoji_set.read_package(tarball), captions=cfg.emoji_captions)
     result: dict[str, Any] = {"settings": settings, "license": emoji_set.LICENSE_NOTE, "tarball": str(tarball)}
     for split, records in (("train", train), ("val", val)):
         records = shuffled(records, cfg.shuffle_seed)

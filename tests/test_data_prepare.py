@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import _data_fixtures as fx
-from data import DataConfig, open_records
+from data import DataConfig, build_loader, open_records
 from data import emoji as emoji_set
 from launch import prepare_data
 
@@ -142,6 +142,46 @@ def test_emoji_prepare_writes_white_backed_train_and_val_shards(tmp_path, monkey
     contents = shard_contents(tmp_path / "emoji" / "val")
     assert all((sample["pixels"] == 255).all() for sample in contents.values()), "transparent must be white"
     assert prepare_data.main(["--emoji", str(tmp_path / "emoji")])["seconds"] == stats["seconds"]  # reused
+
+
+def test_emoji_caption_variants_keep_the_name_first_and_drop_duplicates():
+    heart = {"name": "HEAVY BLACK HEART", "short_names": ["heart"], "category": "Smileys & Emotion", "subcategory": "heart"}
+    assert emoji_set.caption_variants(heart) == ["heavy black heart", "heart", "heavy black heart, heart, smileys & emotion"]
+    flag = {"name": "Japan Flag", "short_names": ["jp", "flag-jp"], "category": "Flags", "subcategory": "country-flag"}
+    assert emoji_set.caption_variants(flag) == ["japan flag", "flag: japan", "jp", "flag jp", "japan flag, country flag, flags"]
+    wave = {"name": "WAVING HAND SIGN", "short_names": ["wave", "waving_hand_sign"], "category": "People & Body",
+            "subcategory": "hand-fingers-open"}
+    assert emoji_set.caption_variants(wave, "medium skin tone") == [  # "waving hand sign" twice: kept once
+        "waving hand sign: medium skin tone", "wave: medium skin tone",
+        "waving hand sign: medium skin tone, hand fingers open, people & body"]
+    with pytest.raises(ValueError, match="captions='tags' must be one of name, variants"):
+        emoji_set.emoji_records([], {}, captions="tags")
+
+
+def test_emoji_prepare_with_caption_variants_stores_lists_the_loader_picks_from_per_epoch(tmp_path, monkeypatch):
+    package = fake_emoji_package(tmp_path / "e.tgz")
+    monkeypatch.setattr(emoji_set, "fetch_tarball", lambda download_dir: package)
+    plain, rich = tmp_path / "plain", tmp_path / "rich"
+    prepare_data.main(["--emoji", str(plain)])
+    stats = prepare_data.main(["--emoji", str(rich), "--emoji-captions", "variants"])
+    assert "emoji_captions" not in json.loads((plain / "stats.json").read_text())["settings"]  # older folders stay complete
+    assert stats["settings"]["emoji_captions"] == "variants" and stats["train"]["samples_written"] == 11
+    before, after = shard_contents(plain / "train"), shard_contents(rich / "train")
+    assert after["1f600"]["caption"] == ["test face 0", "t0", "test face 0, face, smileys"]
+    assert {k: v["caption"][0] for k, v in after.items()} == {k: v["caption"] for k, v in before.items()}
+    assert {k: v["metadata"] for k, v in after.items()} == {k: {**v["metadata"], "text": after[k]["caption"]}
+                                                            for k, v in before.items()}
+    # Validation keeps the names (a held-out loss comparable with and without variants) ...
+    assert {k: v["caption"] for k, v in shard_contents(rich / "val").items()} == \
+        {k: v["caption"] for k, v in shard_contents(plain / "val").items()}
+    # ... training draws one of the variants per epoch.
+    loader = build_loader(DataConfig(source=str(rich / "train"), resolution=32), batch_size=11, seed=0)
+    seen = [c for _, batch in zip(range(6), loader) for c in batch["captions"]]
+    allowed = {c for v in after.values() for c in v["caption"]}
+    assert set(seen) <= allowed and len(set(seen)) > 11 + 3, sorted(set(seen))
+    # Switching the option rewrites the folder instead of reusing it.
+    again = prepare_data.main(["--emoji", str(plain), "--emoji-captions", "variants"])
+    assert isinstance(shard_contents(plain / "train")["1f600"]["caption"], list) and again["seconds"] >= 0
 
 
 def test_validate_and_prepare_name_shard_problems_by_their_real_reason(tmp_path, capsys):
