@@ -50,6 +50,7 @@ import ldm.cache.build as build_module
 from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
 from autoencoder.frozen import FrozenEncoder
 from ldm.cache import CachedLatentLoader, CacheSpec, build_cache, data_files_fingerprint, open_cache
+from ldm.cache.encode import EncodedBatch
 from text_encoder import load_text_encoder
 
 RESOLUTION = 64
@@ -70,16 +71,18 @@ def make_images(folder: Path, n: int, distinct_captions: int = 0) -> None:
 
 
 @torch.no_grad()
-def legacy_encode_batch(batch: dict[str, Any], vae, text_encoder, spec: CacheSpec) -> dict[str, torch.Tensor]:
+def legacy_encode_batch(batch: dict[str, Any], vae, text_encoder, spec: CacheSpec) -> EncodedBatch:
     """The build's per-batch encoding before issue 18: two autoencoder calls, every caption, fp32."""
     pixels = batch["pixel_values"].to(vae.device, vae.dtype)
     out = {}
     for suffix, x in ({"": pixels, "_flip": pixels.flip(-1)} if spec.data.flip else {"": pixels}).items():
         posterior = vae.encode(x).latent_dist
         out[f"latent_mean{suffix}"], out[f"latent_std{suffix}"] = posterior.mean, posterior.std
-    if text_encoder is not None:
-        out["text_hidden"] = text_encoder.encode(list(batch["captions"])).hidden
-    return {k: v.to("cpu", torch.float32).contiguous() for k, v in out.items()}
+    latents = {k: v.to("cpu", torch.float32).contiguous() for k, v in out.items()}
+    if text_encoder is None:
+        return EncodedBatch(latents, None)
+    hidden = text_encoder.encode(list(batch["captions"])).hidden.to("cpu", torch.float32)
+    return EncodedBatch(latents, {c: hidden[i] for i, c in enumerate(batch["captions"])})
 
 
 def timed_build(spec: CacheSpec, vae, text_encoder, legacy: bool = False) -> tuple[float, float]:

@@ -96,6 +96,38 @@ def schedule_epoch(counts: list[int], seed: int, epoch: int) -> list[int]:
 
 
 @dataclass
+class Schedule:
+    """The sub-stream of every step (the module docstring); also what the latent cache's loader follows."""
+
+    counts: list[int]
+    seed: int
+
+    def __post_init__(self) -> None:
+        self._epoch: tuple[int, list[int]] | None = None
+
+    def stream_at(self, step: int) -> int:
+        epoch, offset = divmod(step, sum(self.counts))
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, schedule_epoch(self.counts, self.seed, epoch))
+        return self._epoch[1][offset]
+
+
+def map_identity(source: int, index: int) -> str:
+    """What seeds the draws (crop, flip, caption choice) of a map source's sample in a mix or bucket."""
+    return f"{source}/{index}"
+
+
+def stream_part(indices: np.ndarray, seed: int, k: int, epoch: int, rank: int, world_size: int, lane: int,
+                lanes: int) -> np.ndarray:
+    """The entries of sub-stream k (its `indices`) that `lane` of `lanes` on `rank` reads in k's `epoch`.
+
+    Only len(indices) decides the permutation, so a latent cache that lists its rows in the order of
+    the source's indices reads them in the same order as the images are read uncached."""
+    order = np.random.default_rng(derived_seed(seed, "stream", k, epoch)).permutation(indices)
+    return deal(deal(order, rank, world_size), lane, lanes)
+
+
+@dataclass
 class PlannedStream(IterableDataset):
     """Batches of one sub-stream each, following the schedule; `positions[lane]` as in the docstring."""
 
@@ -114,7 +146,7 @@ class PlannedStream(IterableDataset):
 
     def __post_init__(self) -> None:
         super().__init__()
-        self._schedule: tuple[int, list[int]] | None = None
+        self._schedule = Schedule(self.counts, self.seed)
         self._plans = {k: ShardPlan.make(s.shards, self.world_size, len(self.positions))
                        for k, s in enumerate(self.streams) if s.shards is not None}
 
@@ -123,11 +155,7 @@ class PlannedStream(IterableDataset):
         yield from interleave([self._lane(lane) if self.endless else self._finite_lane(lane) for lane in lanes])
 
     def stream_at(self, step: int) -> int:
-        length = sum(self.counts)
-        epoch, offset = divmod(step, length)
-        if self._schedule is None or self._schedule[0] != epoch:
-            self._schedule = (epoch, schedule_epoch(self.counts, self.seed, epoch))
-        return self._schedule[1][offset]
+        return self._schedule.stream_at(step)
 
     # ----- endless: full batches in schedule order -------------------------------------------------
 
@@ -165,11 +193,11 @@ class PlannedStream(IterableDataset):
         epoch, offset = position[0], position[1]
         source = self.sources[stream.source]
         while True:
-            order = np.random.default_rng(derived_seed(self.seed, "stream", k, epoch)).permutation(stream.indices)
-            part = deal(deal(order, self.rank, self.world_size), lane, len(self.positions))
+            part = stream_part(stream.indices, self.seed, k, epoch, self.rank, self.world_size, lane,  # type: ignore[arg-type]
+                               len(self.positions))
             for offset in range(offset, len(part)):
                 index = int(part[offset])
-                identity = f"{stream.source}/{index}"
+                identity = map_identity(stream.source, index)
                 item = process_record(source.record(index), cfg, self.seed, epoch, identity, True, stream.bucket)  # type: ignore[union-attr]
                 yield item, [epoch, offset + 1, 0, 0]
             epoch, offset = epoch + 1, 0
@@ -211,7 +239,8 @@ class PlannedStream(IterableDataset):
         mine = stream.indices[self.rank :: self.world_size][lane::lanes]  # type: ignore[index]
         for i in range(at[1], len(mine)):
             index = int(mine[i])
-            yield process_record(source.record(index), cfg, 0, 0, index, False, stream.bucket), [0, i + 1, 0, 0]  # type: ignore[union-attr]
+            identity = map_identity(stream.source, index)  # as in training, so a cache stores the training identity
+            yield process_record(source.record(index), cfg, 0, 0, identity, False, stream.bucket), [0, i + 1, 0, 0]  # type: ignore[union-attr]
 
     @staticmethod
     def _finite_batch(k: int, samples: list, bad: list, lane: int, position: dict[str, Any]) -> dict[str, Any]:

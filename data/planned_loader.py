@@ -68,6 +68,8 @@ class PlannedLoader(LoaderBase):
         self.source = None  # no single map source (CaptionedLoader's attribute, for callers that size a pass)
         self.batches = 0
         self.source_samples = [0] * len(self.mix)
+        self.last_stream: SubStream | None = None
+        """The sub-stream (source, bucket) of the batch returned last (the latent cache groups by it)."""
         self._iterator: Any = None
 
     def _add_source(self, i: int, cfg: DataConfig) -> None:
@@ -128,6 +130,7 @@ class PlannedLoader(LoaderBase):
             for _ in range(n):
                 self.tally.good()
             self.source_samples[self.streams[item["stream"]].source] += n
+            self.last_stream = self.streams[item["stream"]]
             self.batches += 1
             return item["batch"]
 

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from foundation import derived_seed
+from data.captions import caption_variants
 from data.config import DataConfig
 from data.decode import BadSample
 from data.sample import RawRecord, make_sample, sample_draws
@@ -51,7 +52,11 @@ def process_record(record: RawRecord, cfg: DataConfig, draws_seed: int, epoch: i
     """A stream item without its position: {"sample": ...} or {"bad": (reason, message), key, origin}."""
     try:
         draws = sample_draws(draws_seed, epoch, identity)
-        return {"sample": make_sample(record, cfg, draws, augment=augment, bucket=bucket)}
+        sample = make_sample(record, cfg, draws, augment=augment, bucket=bucket)
+        # What the latent cache stores so that a cached run can pick captions as this path does.
+        sample["identity"] = str(identity)
+        sample["caption_variants"] = caption_variants(record.caption, missing=cfg.missing_caption)
+        return {"sample": sample}
     except BadSample as e:
         return {"bad": (e.reason, e.message), "key": record.key, "origin": record.origin}
     except Exception as e:  # one odd file must not end a days-long run; counted and budgeted instead
@@ -230,11 +235,15 @@ def _blocks(records: Iterator[RawRecord], size: int) -> Iterator[list[RawRecord]
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Samples -> the batch contract: pixel_values [B, 3, H, W], captions, keys, original_sizes [B, 2]
-    (H, W), crop_top_left [B, 2] (top, left in the resized image, before cropping)."""
+    (H, W), crop_top_left [B, 2] (top, left in the resized image, before cropping); for the latent
+    cache also identities (what seeds each sample's draws) and caption_variants (every caption each
+    sample can get, `data.captions.caption_variants`)."""
     return {
         "pixel_values": torch.stack([s["image"] for s in samples]).contiguous(),
         "captions": [s["caption"] for s in samples],
         "keys": [s["key"] for s in samples],
+        "identities": [s["identity"] for s in samples],
+        "caption_variants": [s["caption_variants"] for s in samples],
         "original_sizes": torch.tensor([list(s["original_size"]) for s in samples], dtype=torch.long),
         "crop_top_left": torch.tensor([list(s["crop_top_left"]) for s in samples], dtype=torch.long),
     }

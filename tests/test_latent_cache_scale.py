@@ -186,9 +186,6 @@ def test_streamed_reading_equals_in_memory(tmp_path, images, vae, text_encoder):
 def test_spec_refuses_bad_values(tmp_path, images):
     with pytest.raises(ValueError, match="text_dtype='int8'.*max_shard_bytes=0"):
         _spec(images, tmp_path, text_dtype="int8", max_shard_bytes=0)
-    with pytest.raises(ValueError, match="--data.buckets or several --data sources"):
-        CacheSpec(data=data.DataConfig(source=str(images), resolution=64, buckets=("64x128",)), cache_dir=tmp_path,
-                  vae_fingerprint=VAE_FP)
     with pytest.raises(ValueError, match="non-empty dict"):
         _spec(images, tmp_path, vae_fingerprint={})
     with pytest.raises(ValueError, match="text_fingerprint"):

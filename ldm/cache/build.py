@@ -1,6 +1,9 @@
 """Build a latent cache over every process, resumably, and `ensure_cache`: reuse, build or refuse.
 
 Each rank encodes its share of `data.iterate_once` (stored order, centre crops) into its own shards.
+Bucketed or mixed data is read by the planned loader's finite pass: batches of one (source, bucket)
+sub-stream each, stored with the sub-stream's source; the list of sub-streams goes into the manifest,
+so that the cached loader (`ldm.cache.planned`) schedules the same sub-streams.
 A build is resumable: `build.json` records the plan (the key, the process count, the batch size and
 the shard bounds); rerunning with the same plan keeps every shard a rank finished and continues
 where its `rankRRR.progress.json` says (see `ldm.cache.shards`); another plan starts over. The
@@ -136,7 +139,7 @@ def _resume_point(spec: CacheSpec, rank: int) -> tuple[ShardWriter, dict[str, An
             path.unlink()
     if progress is None:
         return writer, {"loader": None, "skip": 0}
-    writer.shards = progress["shards"]
+    writer.shards, writer.streams = progress["shards"], progress.get("streams")
     return writer, None if progress["finished"] else progress["resume"]
 
 
@@ -157,6 +160,9 @@ def _encode_share(spec: CacheSpec, vae: ImageEncoder, text_encoder: FrozenTextEn
                                rank=rank, world_size=world_size, num_workers=spec.num_workers)
     if resume["loader"] is not None:
         loader.load_state_dict(resume["loader"])
+    if isinstance(loader, data.PlannedLoader):
+        writer.streams = [{"source": st.source, "bucket": None if st.bucket is None else list(st.bucket),
+                           "shards": st.shards is not None} for st in loader.streams]
     skip = resume["skip"]
     total = len(range(rank, len(loader.source), world_size)) if loader.source is not None else None
     done = sum(s["num_samples"] for s in writer.shards)
@@ -164,7 +170,9 @@ def _encode_share(spec: CacheSpec, vae: ImageEncoder, text_encoder: FrozenTextEn
         before = loader.state_dict()
         for batch in loader:
             after = loader.state_dict()
-            writer.add(encode_batch(batch, vae, text_encoder, spec), batch, before, after, skip=skip)
+            stream = getattr(loader, "last_stream", None)  # a planned loader's (source, bucket) of this batch
+            writer.add(encode_batch(batch, vae, text_encoder, spec), batch, before, after, skip=skip,
+                       source=0 if stream is None else stream.source, bucket=None if stream is None else stream.bucket)
             progress.update(len(batch["keys"]) - skip)
             before, skip = after, 0
     writer.finish()
@@ -173,6 +181,7 @@ def _encode_share(spec: CacheSpec, vae: ImageEncoder, text_encoder: FrozenTextEn
 def _write_manifest(spec: CacheSpec, world_size: int) -> None:
     cache_dir = spec.cache_dir
     shards: list[dict[str, Any]] = []
+    streams = None
     for r in range(world_size):
         path = progress_path(cache_dir, r)
         progress = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -180,13 +189,17 @@ def _write_manifest(spec: CacheSpec, world_size: int) -> None:
             raise CacheError(f"rank {r} finished without marking its share done in {path.name}; the cache at "
                              f"{cache_dir} is incomplete. Rerun the same command to finish it.")
         shards += progress["shards"]
+        streams = progress.get("streams") if streams is None else streams
     if not shards:
-        raise CacheError(f"no samples were cached from --data {spec.data.source!r}: every sample was unusable.")
+        sources = " + ".join(spec.data.sources) or spec.data.source
+        raise CacheError(f"no samples were cached from --data {sources!r}: every sample was unusable.")
     files = {name: info for shard in shards for name, info in shard["files"].items()}
     if (cache_dir / NULL_TEXT_NAME).is_file():
         null_path = cache_dir / NULL_TEXT_NAME
         files[NULL_TEXT_NAME] = {"bytes": null_path.stat().st_size, "sha256": sha256_file(null_path)}
     manifest = {"format": CACHE_FORMAT, "key": spec.key, "num_samples": sum(s["num_samples"] for s in shards),
                 "flip": spec.data.flip, "crop": "center", "text": spec.with_text, "built_by_processes": world_size,
-                "shards": [{"name": s["name"], "num_samples": s["num_samples"]} for s in shards], "files": files}
+                "streams": streams, "buckets": list(spec.data.buckets),
+                "shards": [{k: s[k] for k in ("name", "num_samples", "num_texts", "latent_shape")} for s in shards],
+                "files": files}
     write_bytes_atomic(cache_dir / MANIFEST_NAME, json_bytes(manifest))

@@ -24,13 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import data
+from data.mix import mixed_sources
 from data.spec import parse_source_spec
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 
 def data_files_fingerprint(cfg: data.DataConfig) -> dict[str, Any]:
-    """{"kind", "files", "bytes", "listing_sha256", "unchecked"}: JSON-ready, equal iff no file changed."""
+    """{"kind", "files", "bytes", "listing_sha256", "unchecked"}: JSON-ready, equal iff no file changed.
+    A mix of sources: {"kind": "mix", "sources": [one such dict per source]}."""
+    if cfg.sources:
+        return {"kind": "mix", "sources": [_source_fingerprint(s.data_config(cfg)) for s in mixed_sources(cfg)]}
+    return _source_fingerprint(cfg)
+
+
+def _source_fingerprint(cfg: data.DataConfig) -> dict[str, Any]:
     spec = parse_source_spec(cfg.source, allow_pipe_urls=cfg.allow_pipe_urls)
     entries: list[tuple[str, int, int]] = []  # (name, size, mtime_ns)
     unchecked = 0  # locations whose contents cannot be stat'ed (URLs, pipes, the hub)

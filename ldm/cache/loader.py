@@ -8,6 +8,13 @@ batches it would have.
 
 A fresh latent `mean + std * eps` is drawn every step (`sample_latents`), exactly as on-the-fly
 training draws `latent_dist.sample()`.
+
+Captions: a sample with several caption variants (a list caption) gets, in epoch e, the variant the
+uncached loader would give it: `chosen_variant` draws with `data.sample.sample_draws(seed, e,
+identity)`, the sample's own numbers, and picks with `data.captions.variant_position`, the code
+`resolve_caption` picks with. The batch's `captions` and `text_hidden` are that variant's.
+
+A bucketed or mixed cache is read by `ldm.cache.planned.CachedPlannedLoader`; `cached_loader` picks.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from typing import Any
 
 import torch
 
+from data.captions import variant_position
+from data.sample import sample_draws
 from foundation import derived_seed
 from ldm.cache.reader import LatentCache
 
@@ -37,12 +46,35 @@ def sample_latents(latent_mean: torch.Tensor, latent_std: torch.Tensor, generato
     return mean + latent_std.to(device, torch.float32) * eps
 
 
+def chosen_variant(cache: LatentCache, row: int, seed: int, epoch: int) -> int:
+    """Which caption variant of cache row `row` training uses in `epoch`: the uncached loader's pick."""
+    n = len(cache.caption_variants[row])
+    return 0 if n == 1 else variant_position(sample_draws(seed, epoch, cache.identities[row]).caption, n)
+
+
+def cached_batch(cache: LatentCache, rows: list[int], flipped: list[bool], variants: list[int], *,
+                 with_text: bool) -> dict[str, Any]:
+    """The batch of cache `rows`, with the given flips and caption variant of each (see CachedLatentLoader)."""
+    idx = torch.tensor(rows, dtype=torch.long)  # [B]
+    text_ids = torch.tensor([cache.text_rows[i][v] for i, v in zip(rows, variants)], dtype=torch.long) \
+        if with_text else None
+    batch: dict[str, Any] = cache.gather(idx, torch.tensor(flipped), with_text=with_text, text_ids=text_ids)
+    batch["captions"] = [cache.caption_variants[i][v] for i, v in zip(rows, variants)]
+    batch["keys"] = [cache.keys[i] for i in rows]
+    batch["identities"] = [cache.identities[i] for i in rows]
+    batch["original_sizes"] = cache.original_sizes.index_select(0, idx)
+    batch["crop_top_left"] = cache.crop_top_left.index_select(0, idx)
+    batch["flipped"] = torch.tensor(flipped)
+    return batch
+
+
 class CachedLatentLoader:
     """An endless, resumable stream of cached training batches for process `rank` of `world_size`.
 
     Batches: {"latent_mean": [B, C, h, w], "latent_std": [B, C, h, w], "text_hidden": [B, L, D]
-    (when cached and `with_text` is not False), "captions": list[str], "keys": list[str],
-    "original_sizes": long [B, 2], "flipped": bool [B]}. A batch may span two epochs.
+    (when cached and `with_text` is not False), "captions": list[str], "keys": list[str], "identities":
+    list[str], "original_sizes": long [B, 2], "crop_top_left": long [B, 2], "flipped": bool [B]}. A batch may
+    span two epochs.
     """
 
     def __init__(self, cache: LatentCache, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -81,21 +113,17 @@ class CachedLatentLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        indices, flipped = [], []
+        indices, flipped, variants = [], [], []
         for position in range(self.position, self.position + self.batch_size):
-            order, flips = self.epoch_plan(position // self.share)
+            epoch = position // self.share
+            order, flips = self.epoch_plan(epoch)
             index = int(order[position % self.share])
             indices.append(index)
             flipped.append(bool(flips[index]))
+            variants.append(chosen_variant(self.cache, index, self.seed, epoch))
         self.position += self.batch_size
         self.batches += 1
-        idx = torch.tensor(indices, dtype=torch.long)  # [B]
-        batch: dict[str, Any] = self.cache.gather(idx, torch.tensor(flipped), with_text=self.with_text)
-        batch["captions"] = [self.cache.captions[i] for i in indices]
-        batch["keys"] = [self.cache.keys[i] for i in indices]
-        batch["original_sizes"] = self.cache.original_sizes.index_select(0, idx)
-        batch["flipped"] = torch.tensor(flipped)
-        return batch
+        return cached_batch(self.cache, indices, flipped, variants, with_text=self.with_text)
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,

@@ -7,7 +7,9 @@ have been built with to be reused (see `ldm.cache.check`):
     format        the on-disk format this code reads
     vae           the autoencoder's fingerprint
     text_encoder  the text encoder's fingerprint, or None when this run encodes text on the fly
-    data          every DataConfig field that changes what a sample looks like (DATA_FIELDS_NOT_KEYED)
+    data          every DataConfig field that changes what a sample looks like (DATA_FIELDS_NOT_KEYED),
+                  the buckets among them, and the sources of a mix with their per-source options, but
+                  not their weights or repeats (how often a source is drawn is decided when training)
     data_files    a cheap fingerprint of the data's files (`ldm.cache.data_files`), or None if unchecked
     dtype         storage dtypes of latents and text embeddings
 
@@ -27,9 +29,10 @@ from typing import Any, Literal
 import torch
 
 import data
+from data.mix import parse_source_entry
 from ldm.cache.data_files import data_files_fingerprint
 
-CACHE_FORMAT = "ldm-latent-cache/2"
+CACHE_FORMAT = "ldm-latent-cache/3"  # 3: every caption variant, buckets, mixes
 StorageDtype = Literal["float32", "bfloat16", "float16"]
 STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                                           "float16": torch.float16}
@@ -85,9 +88,6 @@ class CacheSpec:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
         if self.num_workers < 0:
             problems.append(f"num_workers={self.num_workers} must be >= 0")
-        if getattr(self.data, "buckets", ()) or getattr(self.data, "sources", ()):
-            problems.append("the latent cache holds square images of one source: with --data.buckets or several "
-                            "--data sources, train without --cache-latents/--cache-text")
         if problems:
             raise ValueError("Invalid latent cache spec: " + "; ".join(problems) + ".")
 
@@ -112,9 +112,14 @@ class CacheSpec:
 
 
 def data_key(data_cfg: data.DataConfig) -> dict[str, Any]:
-    """The DataConfig fields that change cached pixels or captions, JSON-ready (tuples as lists)."""
+    """The DataConfig fields that change cached pixels or captions, JSON-ready (tuples as lists); a
+    mix's sources as their specs and per-source options, without weight and repeat."""
     fields = dataclasses.asdict(data_cfg)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items() if k not in DATA_FIELDS_NOT_KEYED}
+    key = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items() if k not in DATA_FIELDS_NOT_KEYED}
+    key["sources"] = [{name: value for name, value in dataclasses.asdict(entry).items()
+                       if name not in ("weight", "repeat") and value is not None}
+                      for entry in map(parse_source_entry, data_cfg.sources)]
+    return key
 
 
 def json_ready(value: dict[str, Any]) -> dict[str, Any]:
