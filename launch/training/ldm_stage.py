@@ -21,7 +21,7 @@ from launch.training.config import RunConfig
 from launch.training.ema import EMA, averaged_copy
 from launch.training.guard import StepGuard
 from launch.training.tracking import read_metrics
-from ldm.cache import CachedLatentLoader, CacheSpec, ensure_cache, sample_latents
+from ldm.cache import CacheSpec, cached_loader, ensure_cache, sample_latents
 from ldm.conditioning import apply_dropout, dropout_mask
 from ldm.objective import DiffusionObjective
 from ldm.pipeline import LatentDiffusionPipeline
@@ -57,8 +57,8 @@ class Batches:
             )
             cache = ensure_cache(spec, vae=self.encoder, text_encoder=text_encoder if cfg.cache_text else None,
                                  rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone)
-            self.loader = CachedLatentLoader(cache, batch_size=run.batch_size, seed=run.seed,
-                                             rank=acc.process_index, world_size=acc.num_processes)
+            self.loader = cached_loader(cache, cfg.data, batch_size=run.batch_size, seed=run.seed,
+                                        rank=acc.process_index, world_size=acc.num_processes)
             self.cached = True
         else:
             self.loader = build_loader(cfg.data, batch_size=run.batch_size, seed=run.seed, rank=acc.process_index,
