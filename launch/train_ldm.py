@@ -203,7 +203,8 @@ def train(cfg: TrainLDMConfig) -> Path:
     )
     tr = TrainingRun(acc, run, state, what="stage 3: UNet", config=to_dict(cfg), stages=stages)
     step = UNetStep(acc, unet, objective, opt, batches, null_hidden, cfg.p_uncond, gens, run, tr.guard)
-    evaluator = ldm_stage.Evaluator(cfg, acc, vae, text_encoder, objective, out)
+    evaluator = ldm_stage.Evaluator(cfg, acc, vae, text_encoder, objective, out,
+                                    bucket_histogram=getattr(batches.loader, "bucket_histogram", None))
     if init is not None:
         acc.print(f"--init-from {cfg.init_from} was not reapplied: resumed from this run's own checkpoint" if tr.resumed_from
                   else f"UNet from --init-from {cfg.init_from} ({init.source.kind}); the EMA starts from these weights")

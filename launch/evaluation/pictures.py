@@ -10,6 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+CHAR_PX = 6
+"""Width of one character of PIL's default bitmap font, for fitting labels."""
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[N, 3, H, W] in [-1, 1] -> [N, H, W, 3] uint8."""
@@ -53,7 +56,23 @@ def labelled_grid(images: Sequence[Image.Image], labels: Sequence[str], ncol: in
     return grid(cells, ncol=ncol)
 
 
-def _fit(text: str, width_px: int, char_px: int = 6) -> str:
+def titled_blocks(blocks: Sequence[tuple[str, Image.Image]], title_height: int = 16, pad: int = 2) -> Image.Image:
+    """Grids of different sizes stacked top to bottom, each under a one-line title (e.g. "512x768 ..."),
+    as wide as the widest grid or title."""
+    if not blocks:
+        raise ValueError("titled_blocks() needs at least one block")
+    width = max(max(im.width for _, im in blocks), max(len(t) for t, _ in blocks) * CHAR_PX + 2 * pad)
+    height = sum(title_height + im.height + pad for _, im in blocks)
+    out = Image.new("RGB", (width, height), (255, 255, 255))
+    draw, y = ImageDraw.Draw(out), 0
+    for title, im in blocks:
+        draw.text((pad, y + 2), _fit(title, width), fill=(0, 0, 0))
+        out.paste(im.convert("RGB"), (0, y + title_height))
+        y += title_height + im.height + pad
+    return out
+
+
+def _fit(text: str, width_px: int, char_px: int = CHAR_PX) -> str:
     limit = max(4, width_px // char_px)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -15,7 +15,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from autoencoder.frozen import FrozenEncoder
 from data import build_loader, iterate_once
-from launch.evaluation.pictures import labelled_grid, plot_curves
+from data.buckets import Bucket, bucket_name, resolve_buckets
+from launch.evaluation.pictures import labelled_grid, plot_curves, titled_blocks
 from launch.evaluation.recognisability import QualityCheck
 from launch.training.config import RunConfig
 from launch.training.ema import EMA, averaged_copy
@@ -29,6 +30,8 @@ from ldm.unet import unet_denoiser
 from text_encoder import FrozenTextEncoder, resolve_dtype
 
 if TYPE_CHECKING:  # the command owns its config; imported for annotations only
+    from PIL import Image
+
     from launch.train_ldm import TrainLDMConfig
 
 VAL_TIMESTEPS = (50, 250, 500, 750, 950)
@@ -155,14 +158,44 @@ def compose_pipeline(cfg: TrainLDMConfig, unet: UNet2DConditionModel, vae: Autoe
                                    default_sampler=cfg.sampler, unet_config=cfg.unet)
 
 
+def sample_grid_shapes(buckets: list[Bucket], histogram: dict[str, int] | None = None) -> list[tuple[Bucket, str]]:
+    """The bucket shapes a sample grid shows, each with what it is: the most common bucket (with a
+    histogram), the squarest, the widest and the tallest, each once. With a histogram only buckets
+    that hold images are candidates (an SDXL preset lists 1:4 to 4:1 whatever the data has)."""
+    counts = {b: (histogram or {}).get(bucket_name(b), 0) for b in buckets}
+    total = sum(counts.values())
+    pool = [b for b in buckets if counts[b]] if total else list(buckets)
+    picks: list[tuple[Bucket, str]] = []
+    if total:
+        picks.append((max(pool, key=lambda b: counts[b]), "most common"))  # ties: the first in ratio order
+    picks += [(min(pool, key=lambda b: abs(_log_ratio(b))), "squarest"), (max(pool, key=_log_ratio), "widest"),
+              (min(pool, key=_log_ratio), "tallest")]
+    roles: dict[Bucket, list[str]] = {}
+    for bucket, role in picks:
+        roles.setdefault(bucket, []).append(role)
+    return [(b, ", ".join(r) + (f", {100 * counts[b] / total:.0f}% of images" if total else "")) for b, r in roles.items()]
+
+
+def _log_ratio(bucket: Bucket) -> float:
+    """log(W / H): 0 for a square bucket, positive for wide ones, negative for tall ones."""
+    return math.log(bucket[0] / bucket[1])
+
+
 class Evaluator:
-    """Held-out loss at fixed timesteps and sample grids, with the EMA weights, on rank 0."""
+    """Held-out loss at fixed timesteps and sample grids, with the EMA weights, on rank 0.
+
+    With --data.buckets the grid shows a few bucket shapes (``sample_grid_shapes``), generated
+    through the pipeline call users make (``height=``, ``width=``); ``bucket_histogram`` is the
+    loader's samples per bucket, which picks the most common one."""
 
     def __init__(self, cfg: TrainLDMConfig, acc: Accelerator, vae: AutoencoderKL, text_encoder: FrozenTextEncoder,
-                 objective: DiffusionObjective, out: Path):
+                 objective: DiffusionObjective, out: Path, bucket_histogram: dict[str, int] | None = None):
         self.cfg, self.acc, self.vae, self.te, self.objective, self.out = cfg, acc, vae, text_encoder, objective, out
         self.batch_size = cfg.run.eval_batch_size
-        self.latents = self.hidden = None
+        buckets = resolve_buckets(cfg.data.buckets, cfg.data.resolution) if cfg.data.buckets else []
+        self.grid_shapes = sample_grid_shapes(buckets, bucket_histogram) if buckets else []
+        # Held-out (latents [b, C, h, w], text hidden [b, L, D]) batches; with buckets each holds one shape.
+        self.val_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         if acc.is_main_process and cfg.val_data:
             self._load_validation(cfg)
         self.eval_unet: torch.nn.Module | None = None  # the EMA copy, refilled in place each time
@@ -174,15 +207,15 @@ class Evaluator:
 
     @torch.no_grad()
     def _load_validation(self, cfg: TrainLDMConfig) -> None:
-        latents, hidden, n = [], [], 0
+        n = 0
         for batch in iterate_once(cfg.data.with_source(cfg.val_data), batch_size=self.batch_size):
-            latents.append(self.vae.encode(batch["pixel_values"].to(self.acc.device)).latent_dist.mean)
-            hidden.append(self.te.encode(list(batch["captions"])).hidden.float())
-            n += len(batch["captions"])
+            keep = min(len(batch["captions"]), cfg.val_samples - n)  # the first val_samples images
+            latents = self.vae.encode(batch["pixel_values"][:keep].to(self.acc.device)).latent_dist.mean
+            hidden = self.te.encode(list(batch["captions"][:keep])).hidden.float()
+            self.val_batches.append((latents, hidden))
+            n += keep
             if n >= cfg.val_samples:
                 break
-        self.latents = torch.cat(latents)[: cfg.val_samples]
-        self.hidden = torch.cat(hidden)[: cfg.val_samples]
 
     def _ema_unet(self, unet: torch.nn.Module, ema: EMA | None) -> UNet2DConditionModel:
         raw = self.acc.unwrap_model(unet, keep_torch_compile=False)
@@ -193,43 +226,52 @@ class Evaluator:
     def validation_loss(self, unet: torch.nn.Module, ema: EMA | None) -> dict[str, float]:
         """Mean squared error of the prediction target at fixed t with fixed noise (comparable over time)."""
         self.acc.wait_for_everyone()
-        if not self.acc.is_main_process or self.latents is None:
+        if not self.acc.is_main_process or not self.val_batches:
             return {}
         model = self._ema_unet(unet, ema)
         denoise = unet_denoiser(model)
-        out = {}
+        out, count = {}, sum(len(lat) for lat, _ in self.val_batches)
         for t in VAL_TIMESTEPS:
             g = torch.Generator().manual_seed(t)
             total = 0.0
-            for lat, hid in zip(self.latents.split(self.batch_size), self.hidden.split(self.batch_size)):
+            for lat, hid in self.val_batches:
                 noise = torch.randn(lat.shape, generator=g).to(lat.device)
                 noisy, ts, target = self.objective.validation_pair(lat, noise, t)  # eps, v and flow alike
                 total += (denoise(noisy, ts, hid) - target).pow(2).mean().item() * len(lat)
-            out[f"val_loss_t{t}"] = total / len(self.latents)
+            out[f"val_loss_t{t}"] = total / count
         out["val_loss"] = sum(out.values()) / len(VAL_TIMESTEPS)
         return out
 
     @torch.no_grad()
     def sample_grid(self, unet: torch.nn.Module, ema: EMA | None, step: int) -> Path | None:
-        """Fixed prompts x guidance scales with fixed seeds, one row per guidance scale."""
+        """Fixed prompts x guidance scales with fixed seeds, one row per guidance scale; with buckets,
+        one such block per shape of ``grid_shapes``, titled with its WxH."""
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process or not self.cfg.sample_prompts:
             return None
         model = self._ema_unet(unet, ema)
         if self.pipe is None:
             self.pipe = compose_pipeline(self.cfg, model, self.vae, self.te, self.objective)
-        images, labels = [], []
-        for scale in self.cfg.sample_guidance:
-            res = self.pipe.generate(list(self.cfg.sample_prompts), steps=self.cfg.sample_steps,
-                                     guidance_scale=scale, seed=0)
-            images += [r.image for r in res]
-            labels += [f"g={scale:g} {p}" for p in self.cfg.sample_prompts]
-        grid = labelled_grid(images, labels, ncol=len(self.cfg.sample_prompts))
+        if self.grid_shapes:
+            grid = titled_blocks([(f"{bucket_name(b)} ({what})", self._prompt_grid(b)) for b, what in self.grid_shapes])
+        else:
+            grid = self._prompt_grid(None)
         (self.out / "samples").mkdir(parents=True, exist_ok=True)
         path = self.out / "samples" / f"samples_{step:07d}.png"
         grid.save(path)
         grid.save(self.out / "samples.png")
         return path
+
+    def _prompt_grid(self, bucket: Bucket | None) -> Image.Image:
+        """The prompts x guidance-scale grid at `bucket` (W, H) pixels, or the pipeline's default size."""
+        width, height = bucket if bucket is not None else (None, None)
+        images, labels = [], []
+        for scale in self.cfg.sample_guidance:
+            res = self.pipe.generate(list(self.cfg.sample_prompts), steps=self.cfg.sample_steps,
+                                     guidance_scale=scale, seed=0, height=height, width=width)
+            images += [r.image for r in res]
+            labels += [f"g={scale:g} {p}" for p in self.cfg.sample_prompts]
+        return labelled_grid(images, labels, ncol=len(self.cfg.sample_prompts))
 
     @torch.no_grad()
     def quality(self, unet: torch.nn.Module, ema: EMA | None) -> dict[str, float]:
