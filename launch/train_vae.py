@@ -60,7 +60,7 @@ class TrainVAEConfig:
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay of the autoencoder."""
     val_every: int = 250
-    """Validation (PSNR, SSIM, reconstruction grid) every this many steps, and at the end."""
+    """Validation (PSNR, SSIM, reconstruction grid) every this many steps, and at the end (a periodic one the end would repeat within half of this is skipped)."""
     val_samples: int = 256
     """Held-out images validated (the first ones of --val-data)."""
     stats_samples: int = 4096
@@ -126,7 +126,7 @@ def train(cfg: TrainVAEConfig) -> Path:
     sched_g, sched_d = make_lr_schedule(opt_g, run), make_lr_schedule(opt_d, run)
     model, disc, opt_g, opt_d = acc.prepare(model, disc, opt_g, opt_d)
     raw = acc.unwrap_model(model)
-    ema = EMA(raw, run.ema_decay).to(acc.device) if run.ema_decay > 0 else None
+    ema = EMA(raw, run.ema_decay, run.ema_sigma_rel).to(acc.device) if run.ema_decay > 0 else None
 
     gens = make_generators(run.seed, acc.process_index, ["posterior"], device=acc.device)
     state = TrainState(
@@ -154,7 +154,7 @@ def train(cfg: TrainVAEConfig) -> Path:
                 ema.update(raw)
         tr.end_step(logs)
         tr.log_training(lr=sched_g.get_last_lr()[0], show="reconstruction")
-        if val is not None and tr.due(cfg.val_every):
+        if val is not None and tr.evaluation_due(cfg.val_every):
             scores = val.run(model, ema, tr.step)
             tr.log_validation(scores, f"validation {vae_stage.describe(scores)}")
         tr.save_checkpoint_if_due()

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from launch.training.accelerator import make_generators
+from launch.training.checkpoint import TrainState
 from launch.training.config import RunConfig
 from launch.training.ema import EMA
 from launch.training.guard import PreemptionFlag, StepGuard, TooManySkippedSteps
+from launch.training.run import TrainingRun
 from ldm.cli import ConfigError, parse_config, save_config
 
 
@@ -103,3 +107,51 @@ def test_a_damaged_finished_marker_means_not_finished(tmp_path, marker):
     assert run_finished(tmp_path, RunConfig(max_steps=8)) and not run_finished(tmp_path, RunConfig(max_steps=9))
     (tmp_path / FINISHED_MARKER).write_bytes(marker)
     assert not run_finished(tmp_path, RunConfig(max_steps=8))  # resumed and exported again, not a crash
+
+
+class TwoProcessesOtherAt:
+    """Rank 0 of two; the other rank's flags/clocks are ``other`` (what its all-reduce would add)."""
+
+    device = torch.device("cpu")
+    num_processes = 2
+
+    def __init__(self, other: list[float]):
+        self.other = torch.tensor(other)
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor + self.other
+
+
+def test_the_guard_agrees_on_the_clocks_as_means_over_ranks():
+    guard = StepGuard(TwoProcessesOtherAt([0, 0, 0, 30.0, 50.0]), RunConfig(max_train_minutes=1), PreemptionFlag())
+    guard.start_clock(RunConfig(max_train_minutes=1), 20.0)  # 40 s of the 60 left, on this rank
+    assert guard.check(torch.tensor(1.0), step=0) == (True, False)
+    assert guard.seconds_elapsed == pytest.approx(15.0, abs=0.5)  # (~0 here + 30 there) / 2
+    assert guard.seconds_left == pytest.approx(45.0, abs=0.5)  # (~40 here + 50 there) / 2
+    unbudgeted = StepGuard(OneProcess(), RunConfig(), PreemptionFlag())
+    unbudgeted.check(torch.tensor(1.0), step=0)
+    assert unbudgeted.seconds_left == math.inf and not unbudgeted.time_up
+
+
+def _run_at(step: int, *, max_steps: int, seconds_left: float = math.inf, seconds_elapsed: float = 0.0,
+            step0: int = 0) -> TrainingRun:
+    """A TrainingRun's cadence state alone (no accelerator, no files)."""
+    tr = TrainingRun.__new__(TrainingRun)
+    tr.cfg, tr.state, tr._step0 = RunConfig(max_steps=max_steps), TrainState(step=step), step0
+    tr.guard = SimpleNamespace(seconds_left=seconds_left, seconds_elapsed=seconds_elapsed)
+    tr.last = step >= max_steps
+    return tr
+
+
+def test_a_periodic_evaluation_the_end_would_repeat_soon_is_skipped():
+    assert _run_at(400, max_steps=1000).evaluation_due(200)
+    assert not _run_at(401, max_steps=1000).evaluation_due(200)  # not on the cadence at all
+    assert not _run_at(1000, max_steps=1010).evaluation_due(200)  # 10 steps before the end's
+    assert _run_at(1010, max_steps=1010).evaluation_due(200)  # the end's own
+    # A time budget: 100 steps took 50 s and 4 s are left, so ~8 more steps, not the 900 max_steps allows.
+    budget = dict(max_steps=1000, seconds_left=4.0, seconds_elapsed=50.0)
+    assert _run_at(100, **budget).steps_left() == pytest.approx(8.0)
+    assert not _run_at(100, **budget).evaluation_due(50)
+    assert _run_at(100, **budget).evaluation_due(10)  # 8 steps left >= half of 10
+    # After a resume at step 90 only this session's 10 steps (and 50 s) set the pace: 0.8 steps left.
+    assert _run_at(100, **budget, step0=90).steps_left() == pytest.approx(0.8)

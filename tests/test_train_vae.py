@@ -74,3 +74,11 @@ def test_time_budget_ends_the_run_with_an_export_and_a_rerun_does_nothing(captio
     before = (tmp_path / "budget" / "metrics.jsonl").read_text()
     main(args)
     assert (tmp_path / "budget" / "metrics.jsonl").read_text() == before
+
+
+def test_a_validation_the_last_step_would_repeat_is_skipped(captioned_images, tmp_path):
+    from launch.train_vae import main
+
+    main(tiny_args(captioned_images, tmp_path / "run", "--run.max-steps", "9"))  # val_every 4: 4, (8), 9
+    rows = map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert [r["step"] for r in rows if r["kind"] == "val"] == [4, 9]

@@ -50,6 +50,12 @@ class StepGuard:
         self.preemption = preemption
         self.deadline = math.inf  # wall-clock end of the training-time budget
         self.time_up = False  # set by check(), identical on every rank
+        self.clock_start = time.time()  # when this process's clock was armed (start_clock)
+        # Set by check(), identical on every rank (means over ranks of the all-reduced clocks): seconds
+        # since start_clock and seconds of the budget left (inf without one). What a time-capped run
+        # uses to foresee its end (TrainingRun.evaluation_due) without a rank deciding alone.
+        self.seconds_elapsed = 0.0
+        self.seconds_left = math.inf
         self.stop_requested = False  # a preemption signal reached some rank (set by check())
         self.max_skipped = run.max_skipped_steps
         self.recent_skips: deque[int] = deque()
@@ -58,8 +64,9 @@ class StepGuard:
 
     def start_clock(self, run: RunConfig, train_seconds_so_far: float) -> None:
         """Arm the ``max_train_minutes`` budget (training time carries over resumes)."""
+        self.clock_start = time.time()
         if run.max_train_minutes > 0:
-            self.deadline = time.time() + run.max_train_minutes * 60 - train_seconds_so_far
+            self.deadline = self.clock_start + run.max_train_minutes * 60 - train_seconds_so_far
 
     def check(self, grad_norm: torch.Tensor | None, step: int) -> tuple[bool, bool]:
         """Return (apply_this_step, stop_now). Call after clipping, before ``optimizer.step``.
@@ -69,10 +76,17 @@ class StepGuard:
         """
         device = self.accelerator.device
         bad = torch.zeros((), device=device) if grad_norm is None else (~torch.isfinite(grad_norm)).float()
-        local = [float(self.preemption.raised), float(time.time() >= self.deadline)]
+        now = time.time()
+        budgeted = math.isfinite(self.deadline)
+        local = [float(self.preemption.raised), float(now >= self.deadline), now - self.clock_start,
+                 max(0.0, self.deadline - now) if budgeted else 0.0]
+        # Relative clocks stay small, so float32 keeps them to well under a second (float64 is not on every device).
         flags = torch.cat([bad.reshape(1).to(device), torch.tensor(local, device=device)])
-        flags = self.accelerator.reduce(flags, reduction="sum")
-        skip, stop, self.time_up = (bool(v > 0) for v in flags.tolist())
+        flags = self.accelerator.reduce(flags, reduction="sum").tolist()
+        skip, stop, self.time_up = (bool(v > 0) for v in flags[:3])
+        ranks = getattr(self.accelerator, "num_processes", 1)
+        self.seconds_elapsed = flags[3] / ranks
+        self.seconds_left = flags[4] / ranks if budgeted else math.inf
         self.stop_requested = self.stop_requested or stop
         if skip:
             self._count_skip(step)

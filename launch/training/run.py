@@ -10,7 +10,7 @@ callbacks)::
         ...                                   # the stage's own lines: schedules, EMA
         tr.end_step(logs)
         tr.log_training(lr=..., show="loss")
-        if tr.due(cfg.val_every): ...         # validation, sample grids
+        if tr.evaluation_due(cfg.val_every): ...  # validation, sample grids (not just before the end's)
         tr.save_checkpoint_if_due()
     tr.end_loop(raw_model, "UNet")
     if tr.preempted:
@@ -131,6 +131,23 @@ class TrainingRun:
     def due(self, every: int) -> bool:
         """True every ``every`` steps and at the last step."""
         return self.state.step % every == 0 or self.last
+
+    def evaluation_due(self, every: int) -> bool:
+        """``due(every)``, less a periodic evaluation that the last step's would repeat within half an
+        interval (e.g. held-out loss at step 600 of a time budget that ends at 607): that work would
+        only take training time from the budget. Every rank decides the same (``steps_left``)."""
+        if not self.due(every):
+            return False
+        return self.last or self.steps_left() >= every / 2
+
+    def steps_left(self) -> float:
+        """Steps expected before the run ends: up to max_steps, or fewer when the time budget's seconds left,
+        at this session's mean seconds per step (evaluation included), run out first. Identical on every rank."""
+        by_steps = float(self.cfg.max_steps - self.state.step)
+        done = self.state.step - self._step0
+        if not math.isfinite(self.guard.seconds_left) or done < 1:
+            return by_steps
+        return min(by_steps, self.guard.seconds_left * done / max(self.guard.seconds_elapsed, 1e-9))
 
     def log_training(self, lr: float, show: str) -> dict[str, float] | None:
         """At the log cadence: reduce the summed logs over steps and ranks, write them, show ``show``."""
