@@ -191,7 +191,7 @@ def train(cfg: TrainLDMConfig) -> Path:
     raw = acc.unwrap_model(unet)
     if cfg.compile:
         unet = torch.compile(unet)
-    ema = EMA(raw, run.ema_decay).to(acc.device) if run.ema_decay > 0 else None
+    ema = EMA(raw, run.ema_decay, run.ema_sigma_rel).to(acc.device) if run.ema_decay > 0 else None
     phema = PowerEMA(raw, cfg.posthoc_ema.sigma_rels).to(acc.device) if cfg.posthoc_ema.snapshot_every else None
 
     gens = make_generators(run.seed, acc.process_index, ["latent", "dropout", "diffusion"], device="cpu")

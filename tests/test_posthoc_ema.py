@@ -160,3 +160,30 @@ def test_train_ldm_snapshots_resume_bitwise_and_the_command_writes_the_rebuilt_p
     assert pipe(["a red disc"], steps=2, guidance_scale=3.0, seed=0)[0].size == (32, 32)
     with pytest.raises(FileExistsError, match="--overwrite"):
         posthoc_main(["--run", str(tmp_path / "straight"), "--sigma-rel", "0.10", "--out", str(out)])
+
+
+def test_training_ema_with_sigma_rel_is_the_power_profile_and_the_decay_caps_it():
+    # --run.ema-sigma-rel: the run's own EMA weights steps like a power EMA of that width (the
+    # initial weights get none), and ema_decay still caps the decay once the run is long.
+    from launch.training.config import RunConfig
+    from launch.training.ema import EMA
+
+    steps, sigma = 40, 0.05
+    model = Vector(steps)
+    ema = EMA(model, decay=0.999999, sigma_rel=sigma)
+    for value in torch.eye(steps):
+        model.w.data.copy_(value)
+        ema.update(model)
+    np.testing.assert_allclose(ema.weights()["w"].numpy(), track(torch.eye(steps), [sigma]).weights(0)["w"].numpy(),
+                               rtol=1e-4, atol=1e-7)
+    one = Vector(1)
+    capped, expected = EMA(one, decay=0.5, sigma_rel=sigma), 0.0
+    for t in range(1, 101):
+        one.w.data.fill_(float(t))
+        capped.update(one)
+        decay = min(0.5, (1 - 1 / t) ** (gamma_of(sigma) + 1))
+        expected = decay * expected + (1 - decay) * t
+    assert capped.weights()["w"].item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(99.0, abs=0.01)  # late steps: the 0.5 cap, not the profile (which would give ~97)
+    with pytest.raises(ValueError, match="ema_sigma_rel"):
+        RunConfig(ema_sigma_rel=0.3)

@@ -38,6 +38,9 @@ class RunConfig:
     (a time budget, a sweep) that should follow a longer run's schedule."""
     ema_decay: float = 0.999
     """0 disables EMA."""
+    ema_sigma_rel: float = 0.0
+    """>0: the EMA's length is this fraction of the training so far (EDM2's power-function profile,
+    e.g. 0.05), capped by ema_decay; 0: warm up as (1+t)/(10+t). For runs whose length is a time budget."""
     checkpoint_every: int = 500
     """Save a resumable checkpoint every this many steps (and at the end or when preempted)."""
     keep_last: int = 2
@@ -81,6 +84,8 @@ def run_config_problems(run: RunConfig) -> list[str]:
             out.append(f"{name}={value} must be a finite number >= 0 (0: off)")
     if not (isinstance(run.ema_decay, (int, float)) and 0.0 <= run.ema_decay < 1.0):
         out.append(f"ema_decay={run.ema_decay} must be in [0, 1) (0: no EMA)")
+    if not (isinstance(run.ema_sigma_rel, (int, float)) and 0.0 <= run.ema_sigma_rel < 0.28):
+        out.append(f"ema_sigma_rel={run.ema_sigma_rel} must be in [0, 0.28) (0: the (1+t)/(10+t) warmup)")
     for name, allowed in (("mixed_precision", ("no", "fp16", "bf16")), ("lr_schedule", ("constant", "cosine", "linear")),
                           ("report_to", ("tensorboard", "wandb", "none"))):
         if getattr(run, name) not in allowed:

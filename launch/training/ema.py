@@ -21,12 +21,17 @@ class EMA(torch.nn.Module):
     """Exponential moving average of a model's parameters, with warmup.
 
     decay_t = min(decay, (1 + t) / (10 + t)): early averages are not dominated by the random
-    initialisation. It is a Module so its shadow weights checkpoint as safetensors like any other.
+    initialisation (a power-function average of relative length ~0.09 until the cap). With
+    ``sigma_rel`` the warmup is EDM2's power function of that relative length instead,
+    decay_t = min(decay, (1 - 1/t)^(gamma + 1)): the average always spans the same fraction of the
+    run however long it turns out to be (a time-capped run does not know its length). It is a Module
+    so its shadow weights checkpoint as safetensors like any other.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, sigma_rel: float = 0.0):
         super().__init__()
         self.decay = decay
+        self.gamma = gamma_of(sigma_rel) if sigma_rel > 0 else None
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         for i, n in enumerate(self.names):
@@ -48,7 +53,8 @@ class EMA(torch.nn.Module):
         self._t += 1
         self.num_updates.fill_(self._t)
         t = self._t
-        decay = min(self.decay, (1 + t) / (10 + t))
+        warmup = (1 + t) / (10 + t) if self.gamma is None else (1 - 1 / t) ** (self.gamma + 1)
+        decay = min(self.decay, warmup)
         params = dict(model.named_parameters())
         current = [params[n].detach().float() for n in self.names]
         torch._foreach_lerp_(self._shadow(), current, 1.0 - decay)
