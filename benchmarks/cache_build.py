@@ -99,6 +99,34 @@ def timed_build(spec: CacheSpec, vae, text_encoder, legacy: bool = False) -> tup
         build_module.encode_batch = real
 
 
+def build_breakdown(spec: CacheSpec, vae: FrozenEncoder, text_encoder) -> dict[str, float]:
+    """CPU seconds of this process per phase of one build of `spec`: the autoencoder's encoder, the text
+    encoder, the rest of `encode_batch` (casts, copies), shard writing, and everything else (reading and
+    decoding images, collating, planning)."""
+    spent: dict[str, float] = {}
+
+    def timed(label: str, fn):
+        def wrapper(*args, **kwargs):
+            cpu = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.process_time() - cpu
+        return wrapper
+
+    saved = vae.encode, text_encoder.encode, build_module.encode_batch, build_module.ShardWriter.add
+    vae.encode, text_encoder.encode = timed("autoencoder", saved[0]), timed("text encoder", saved[1])
+    build_module.encode_batch = timed("encode_batch", saved[2])
+    build_module.ShardWriter.add = timed("shard writing", saved[3])
+    try:
+        _, total = timed_build(spec, vae, text_encoder)
+    finally:
+        vae.encode, text_encoder.encode, build_module.encode_batch, build_module.ShardWriter.add = saved
+    spent["casts/copies"] = spent.pop("encode_batch") - spent["autoencoder"] - spent["text encoder"]
+    spent["decode/collate/other"] = total - sum(spent.values())
+    return {"total": total, **spent}
+
+
 def bytes_per_image(spec: CacheSpec) -> float:
     manifest = open_cache(spec.cache_dir, spec.key, verify_sha256=False).manifest
     shard_bytes = sum(info["bytes"] for name, info in manifest["files"].items() if name.startswith("rank"))
@@ -195,6 +223,9 @@ def main() -> None:
                   f"(walls {', '.join(f'{v[0]:.1f}' for v in values)} s); {args.images / cpu[name]:5.1f} img per "
                   f"CPU-s, {cpu['before'] / cpu[name]:.2f}x; {bytes_per_image(variants[name][0]):,.0f} B/img")
         now = variants["now fp32"][0]
+        phases = build_breakdown(now, frozen, text)
+        print(f"  where a 'now fp32' build's CPU time goes ({phases.pop('total'):.2f} s for {args.images} images): "
+              + ", ".join(f"{k} {v / sum(phases.values()):.0%}" for k, v in phases.items()))
         print(f"  read (batch 32, text): in memory {read_rate(now, True):,.0f} samples/s, "
               f"streamed {read_rate(now, False):,.0f} samples/s")
         if not args.skip_clip768:

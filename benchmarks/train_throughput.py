@@ -80,7 +80,7 @@ from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
 from autoencoder.frozen import FrozenEncoder
 from benchmarks.diffusers_reference import DiffusersStyleStep
 from ldm.cache import CachedLatentLoader, CacheSpec, build_cache, open_cache, sample_latents
-from ldm.conditioning import drop_captions
+from ldm.conditioning import drop_captions, dropout_mask
 from ldm.objective import DIFFUSION_PRESETS, DiffusionObjective
 from ldm.unet import build_unet, unet_denoiser
 from text_encoder import FrozenTextEncoder, load_text_encoder, resolve_dtype
@@ -145,10 +145,14 @@ class Models:
         self.denoiser = unet_denoiser(self.unet)
         self.generator = torch.Generator().manual_seed(0)
 
-    def train_step(self, latents: torch.Tensor, hidden: torch.Tensor, phase: Phases) -> None:
-        """Caption dropout + UNet forward/backward on latents [B, 4, 16, 16], hidden [B, 77, 384]; AdamW + EMA."""
+    def train_step(self, latents: torch.Tensor, hidden: torch.Tensor, phase: Phases,
+                   dropped: torch.Tensor | None = None) -> None:
+        """Caption dropout + UNet forward/backward on latents [B, 4, 16, 16], hidden [B, 77, 384]; AdamW + EMA.
+
+        ``dropped`` [B]: the dropout mask already drawn (and applied) before encoding; None draws it here."""
         with phase("UNet fwd+bwd"):
-            cond, _ = drop_captions(hidden.float(), self.null.float(), 0.1, self.generator)
+            cond = hidden.float() if dropped is not None else drop_captions(hidden.float(), self.null.float(), 0.1,
+                                                                            self.generator)[0]
             loss, _ = self.objective.loss(self.denoiser, latents, cond, self.generator)
             loss.backward()
         with phase("optimizer+EMA"):
@@ -198,9 +202,13 @@ def now_step(models: Models, loader: data.CaptionedLoader, phase: Phases) -> Non
         batch = next(loader)
     with phase("VAE encode"):
         latents = models.vae_now.encode(batch["pixel_values"]).latent_dist.sample(models.generator)
-    with phase("text encode"):
-        hidden = models.text_now.encode(list(batch["captions"])).hidden
-    models.train_step(latents, hidden, phase)
+    with phase("text encode"):  # the dropout mask first: dropped captions are not encoded (ldm_stage.Batches)
+        dropped = dropout_mask(len(batch["captions"]), 0.1, models.generator)  # [B]
+        hidden = models.null.float().expand(len(dropped), -1, -1).clone()  # [B, 77, 384]
+        kept = [c for c, d in zip(batch["captions"], dropped.tolist()) if not d]
+        if kept:
+            hidden[~dropped] = models.text_now.encode(kept).hidden.float()
+    models.train_step(latents, hidden, phase, dropped)
 
 
 def cached_step(models: Models, loader: CachedLatentLoader, phase: Phases) -> None:

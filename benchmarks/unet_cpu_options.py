@@ -1,0 +1,178 @@
+"""What speeds up one stage-3 UNet step on a CPU: each option against the plain fp32 step, interleaved.
+
+The step is train_ldm's: the `small` UNet preset (7.17 M), latents [B, 4, 16, 16] (64 px), text hidden
+[B, 77, 384], min-SNR loss (ldm.objective), backward, gradient clipping at 1.0 and AdamW. Variants:
+
+  plain            fp32, contiguous, AdamW as train_ldm builds it on a CPU (for-loop)
+  channels_last    the UNet's weights and input in channels-last (NHWC) memory format
+  foreach          AdamW(foreach=True): one multi-tensor kernel per update instead of one per parameter
+  fused            AdamW(fused=True) (the CPU fused kernel, torch >= 2.4)
+  bf16_autocast    torch.autocast("cpu", bfloat16) around forward + loss (fp32 weights and optimizer)
+  sdpa_math        attention through SDPA's math backend instead of the CPU flash kernel
+  attn_classic     diffusers' AttnProcessor (bmm + softmax) instead of AttnProcessor2_0 (SDPA)
+  compile          torch.compile(unet) (inductor CPU backend); compile time reported separately
+
+    .venv/bin/python -m benchmarks.unet_cpu_options [--steps 5] [--warmup 2] [--threads 1] [--batch-size 32]
+        [--variants plain,channels_last,...] [--profile]
+
+Method: every variant has its own copy of the same initial UNet and optimizer; after the warm-up
+(compile's first steps are its compile time) the variants alternate step by step, so load bursts from
+other jobs hit all of them, and the median wall-clock and CPU time of this process per step are
+printed with the ratio to `plain`. `--profile` prints torch.profiler's top operators of one plain step.
+Prints numbers only; no assertions. Results on this machine are in the README's throughput section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from ldm.objective import DIFFUSION_PRESETS, DiffusionObjective
+from ldm.unet import build_unet, unet_denoiser
+
+VARIANTS = ("plain", "channels_last", "foreach", "fused", "bf16_autocast", "sdpa_math", "attn_classic", "compile")
+
+
+@dataclass
+class Variant:
+    """One way to run the step: its own UNet copy, optimizer, forward context and input layout."""
+
+    name: str
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    context: Callable[[], AbstractContextManager] = nullcontext
+    memory_format: torch.memory_format = torch.contiguous_format
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    first_steps: float = 0.0  # wall seconds of the warm-up steps (compile: mostly compile time)
+    first_steps_cpu: float = 0.0  # CPU seconds of this process (and finished children) in the warm-up
+
+
+def make_variant(name: str, base: torch.nn.Module, lr: float = 1e-4) -> Variant:
+    unet = copy.deepcopy(base).train()
+    adam: dict = {}
+    context: Callable[[], AbstractContextManager] = nullcontext
+    memory_format = torch.contiguous_format
+    if name == "channels_last":
+        unet = unet.to(memory_format=torch.channels_last)
+        memory_format = torch.channels_last
+    elif name == "foreach":
+        adam = {"foreach": True}
+    elif name == "fused":
+        adam = {"fused": True}
+    elif name == "bf16_autocast":
+        def context() -> AbstractContextManager:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+    elif name == "sdpa_math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def context() -> AbstractContextManager:
+            return sdpa_kernel(SDPBackend.MATH)
+    elif name == "attn_classic":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+    elif name == "compile":
+        unet = torch.compile(unet)
+    elif name != "plain":
+        raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, **adam)
+    return Variant(name, unet, optimizer, context, memory_format)
+
+
+def step(v: Variant, objective: DiffusionObjective, latents: torch.Tensor, hidden: torch.Tensor,
+         generator: torch.Generator) -> None:
+    """Forward + min-SNR loss + backward + clip + AdamW, as ldm_stage.train_step does it."""
+    x = latents.contiguous(memory_format=v.memory_format)
+    with v.context():
+        loss, _ = objective.loss(unet_denoiser(v.unet), x, hidden, generator)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(v.unet.parameters(), 1.0)
+    v.optimizer.step()
+    v.optimizer.zero_grad(set_to_none=True)
+
+
+def timed(v: Variant, *args) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    step(v, *args)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _cpu_with_children() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def profile_plain(v: Variant, *args) -> None:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step(v, *args)
+    print(f"\n--- torch.profiler, one {v.name} step (top operators by self CPU time)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (compile's include compiling)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of one plain step")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = build_unet("small", cross_attention_dim=384)
+    objective = DiffusionObjective(DIFFUSION_PRESETS["sd_min_snr"])
+    data = torch.Generator().manual_seed(0)
+    latents = torch.randn(args.batch_size, 4, 16, 16, generator=data)  # [B, 4, 16, 16]
+    hidden = torch.randn(args.batch_size, 77, 384, generator=data)  # [B, 77, 384]
+    names = [n for n in args.variants.split(",") if n]
+    variants = [make_variant(n, base) for n in names]
+    gens = {v.name: torch.Generator().manual_seed(1) for v in variants}
+    for v in variants:
+        start, cpu = time.perf_counter(), _cpu_with_children()
+        for _ in range(args.warmup):
+            step(v, objective, latents, hidden, gens[v.name])
+        v.first_steps, v.first_steps_cpu = time.perf_counter() - start, _cpu_with_children() - cpu
+    for _ in range(args.steps):
+        for v in variants:
+            w, c = timed(v, objective, latents, hidden, gens[v.name])
+            v.wall.append(w)
+            v.cpu.append(c)
+    if args.profile:
+        profile_plain(variants[0], objective, latents, hidden, gens[variants[0].name])
+    report(variants, args)
+
+
+def report(variants: list[Variant], args: argparse.Namespace) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} at 64 px, "
+          f"{args.steps} steps per variant after {args.warmup} warm-up")
+    ref = variants[0]
+    ref_wall, ref_cpu = statistics.median(ref.wall), statistics.median(ref.cpu)
+    print(f"  {'variant':<16}{'wall ms':>10}{'cpu ms':>10}{'vs ' + ref.name + ' (wall)':>20}{'(cpu)':>8}{'warm-up s':>11}{'(cpu)':>8}")
+    for v in variants:
+        w, c = statistics.median(v.wall), statistics.median(v.cpu)
+        print(f"  {v.name:<16}{w * 1e3:>10.0f}{c * 1e3:>10.0f}{ref_wall / w:>19.2f}x{ref_cpu / c:>7.2f}x"
+              f"{v.first_steps:>11.1f}{v.first_steps_cpu:>8.1f}")
+    compiled = [v for v in variants if v.name == "compile"]
+    if compiled:
+        v = compiled[0]
+        saved = ref_wall - statistics.median(v.wall)
+        extra = v.first_steps - args.warmup * ref_wall
+        payback = f"pays back its compile time after {extra / saved:.0f} steps" if saved > 0 else "never pays back"
+        print(f"  compile: warm-up {v.first_steps:.1f} s wall ({v.first_steps_cpu:.1f} s CPU) for {args.warmup} "
+              f"steps, ~{extra:.0f} s more than plain; by wall-clock it {payback}")
+
+
+if __name__ == "__main__":
+    main()
