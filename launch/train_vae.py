@@ -98,7 +98,10 @@ PRESETS: dict[str, TrainVAEConfig] = {
                     val_every=4, val_samples=8, stats_samples=16),
     # CPU demo: small batches win at a fixed number of images seen (benchmarks/vae_quality.py:
     # batch 8, lr 1e-3, L2 reached 25.7 dB after 8,000 images); the encoder starts nearly deterministic.
-    "small": _preset("small", 64, lr=1e-3,
+    # Latent statistics from 1,024 images, not all 3,415 of the emoji set: on the demo's autoencoder the
+    # first 1,024 give each channel's mean within 0.006 std and its std within 1.3% of the full set's,
+    # and the export's pass takes ~7 s instead of ~22 s of stage 1's wall time on 2 cores.
+    "small": _preset("small", 64, lr=1e-3, stats_samples=1024,
                      run=RunConfig(output_dir=Path("runs/vae"), max_steps=1000, batch_size=8, warmup_steps=50, ema_decay=0.99,
                                    checkpoint_every=250, log_every=25)),
     "kl-f8": _preset("kl-f8", 256, lr=4.5e-6 * 8, run=RunConfig(max_steps=200_000, batch_size=8, mixed_precision="bf16")),
