@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Iterable
 
@@ -18,6 +20,7 @@ def setup_accelerator(run: RunConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+    refuse_requested_sharding(os.environ)  # before accelerate builds a plugin (on a CPU its FSDP plugin just fails)
     cpu = run.cpu or not torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=cpu,
@@ -38,6 +41,23 @@ def setup_accelerator(run: RunConfig):
     return accelerator
 
 
+# What `accelerate launch --use_fsdp / --use_deepspeed / --use_megatron_lm` (or `accelerate config`) sets.
+SHARDING_REQUESTS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                     "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+_TRUE = ("1", "true", "yes", "y", "on", "t")
+
+
+def refuse_requested_sharding(environ: Mapping[str, str]) -> None:
+    """Refuse a launch that asked for FSDP, DeepSpeed or Megatron-LM, before the Accelerator exists.
+
+    On a CPU machine accelerate 1.15 cannot build its FSDP plugin ("no available devices") and
+    `--use_fsdp` would end in that error; with our message the user learns what to use instead.
+    """
+    for variable, name in SHARDING_REQUESTS.items():
+        if environ.get(variable, "").strip().lower() in _TRUE:
+            _refuse(name)
+
+
 def refuse_sharded_strategies(distributed_type, kinds) -> None:
     """Refuse FSDP, DeepSpeed (every ZeRO stage) and Megatron-LM with a message, before any work.
 
@@ -48,12 +68,17 @@ def refuse_sharded_strategies(distributed_type, kinds) -> None:
     """
     names = {kinds.FSDP: "FSDP", kinds.DEEPSPEED: "DeepSpeed", kinds.MEGATRON_LM: "Megatron-LM"}
     if distributed_type in names:
-        raise SystemExit(
-            f"{names[distributed_type]} shards the weights or the optimizer state across processes, but this "
-            "pipeline's checkpoints hold them whole (rank 0 writes them), so exact resume would break. Use DDP "
-            "(`accelerate config` -> multi-GPU, no DeepSpeed/FSDP): it fits SD-1.5-sized UNets on one GPU in bf16; "
-            "lower --run.batch-size and raise --run.grad-accum-steps, or add --gradient-checkpointing, for memory."
-        )
+        _refuse(names[distributed_type])
+
+
+def _refuse(name: str) -> None:
+    raise SystemExit(
+        f"{name} shards the weights or the optimizer state across processes, but this pipeline's checkpoints "
+        "hold them whole (rank 0 writes them), so exact resume would break. Use DDP (`accelerate launch "
+        "--multi_gpu`, or `accelerate config` -> multi-GPU without DeepSpeed/FSDP): every GPU then holds the whole "
+        "UNet and its AdamW state (16 bytes per parameter: about 14 GB for SD-1.5's 860 M, before activations); "
+        "for memory lower --run.batch-size and raise --run.grad-accum-steps, or add --gradient-checkpointing."
+    )
 
 
 def make_generators(seed: int, rank: int, names: Iterable[str], device: str | torch.device = "cpu") -> dict[str, torch.Generator]:

@@ -25,8 +25,9 @@ logged, and its custom objects are pickles. Here:
    further on (skipped at resume) never push the new, good one out.
 
 Weights and optimizer state in DDP are identical on every rank, so rank 0 writes them once.
-Strategies that shard either (FSDP, DeepSpeed ZeRO-1/2/3) would need every rank to write its
-shard; ``accelerator.setup_accelerator`` refuses them with a message until that is supported.
+Strategies that shard either (FSDP, DeepSpeed ZeRO-1/2/3, Megatron-LM) would need every rank to
+write its shard; ``accelerator.setup_accelerator`` refuses them with a message, whether the launch
+asked for one or accelerate reports one (tests/test_accelerator.py), until that is supported.
 """
 
 from __future__ import annotations
