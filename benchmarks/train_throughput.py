@@ -10,7 +10,8 @@ preset, the `small` autoencoder preset at 64 px, a 6-layer 384-wide CLIP text en
                       caption encoded, `vae.encode(...)` on the training autoencoder
   on the fly, now:    `FrozenTextEncoder.encode` and `autoencoder.frozen.FrozenEncoder`, both loaded
                       with dtype=auto (one tokenisation, each distinct caption once, inference mode;
-                      bf16 on bf16 GPUs and AMX CPUs, fp32 here: see text_encoder/precision.py)
+                      bf16 on bf16 GPUs and AMX CPUs, fp32 here: see text_encoder/precision.py); the
+                      caption-dropout mask drawn first, so the ~10% dropped captions are not encoded
   cached:             `--cache-latents --cache-text` (ldm.cache): gather + sample the posterior
   diffusers:          the step of diffusers' examples/text_to_image/train_text_to_image.py, on the
                       same models and images (benchmarks/diffusers_reference.py says what it does)
@@ -51,6 +52,20 @@ is the steadier figure). Median ms per step, CPU time of this process:
     optimizer+EMA             95          94          87          80
     step                    2016        2265        1486        1082
     vs diffusers' example: before 0.89x, now 1.36x, cached 1.86x; now / before 1.52x.
+
+  After the dropout mask moved before encoding (2026-12-02; --steps 6 --warmup 2 --threads 1, load
+  average 7-12 from other jobs, this process got 6-90% of a core, so only the CPU-time table counts):
+    phase              diffusers      before         now      cached
+    data/collate              41          26          22           2
+    VAE encode               263         267         214           -
+    text encode              630         649         622           -
+    UNet fwd+bwd            1092        1038        1046        1038
+    optimizer+EMA            105          82          80          89
+    step                    2132        2065        1989        1133
+    vs diffusers' example: before 1.03x, now 1.07x, cached 1.88x (CPU time; wall-clock 0.99x, 0.74x,
+    1.79x, meaningless at that load). Text encode now/diffusers 0.99x (0.90 expected from 10% fewer
+    captions: within this load's noise); the UNet phase is the same in every mode, the 8% gap above
+    was noise. Where the UNet step goes and what was tried there: benchmarks/unet_cpu_options.py.
 
 What moved: the autoencoder's encoder in channels-last (VAE encode -27%), and with repeated captions
 the deduplication (text encode 6.4x less). One tokenisation saves ~1.6 ms of ~680 (a 32-caption

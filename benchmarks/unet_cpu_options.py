@@ -5,6 +5,8 @@ The step is train_ldm's: the `small` UNet preset (7.17 M), latents [B, 4, 16, 16
 
   plain            fp32, contiguous, AdamW as train_ldm builds it on a CPU (for-loop)
   channels_last    the UNet's weights and input in channels-last (NHWC) memory format
+  channels_last_input  only the latents in channels-last (weights stay contiguous, so checkpoints
+                   and safetensors exports are unchanged; the convolutions follow the input's layout)
   foreach          AdamW(foreach=True): one multi-tensor kernel per update instead of one per parameter
   fused            AdamW(fused=True) (the CPU fused kernel, torch >= 2.4)
   bf16_autocast    torch.autocast("cpu", bfloat16) around forward + loss (fp32 weights and optimizer)
@@ -12,14 +14,35 @@ The step is train_ldm's: the `small` UNet preset (7.17 M), latents [B, 4, 16, 16
   attn_classic     diffusers' AttnProcessor (bmm + softmax) instead of AttnProcessor2_0 (SDPA)
   compile          torch.compile(unet) (inductor CPU backend); compile time reported separately
 
-    .venv/bin/python -m benchmarks.unet_cpu_options [--steps 5] [--warmup 2] [--threads 1] [--batch-size 32]
+    .venv/bin/python -m benchmarks.unet_cpu_options [--steps 5] [--warmup 2] [--threads 1] [--batch-size 32] [--preset small]
         [--variants plain,channels_last,...] [--profile]
 
 Method: every variant has its own copy of the same initial UNet and optimizer; after the warm-up
 (compile's first steps are its compile time) the variants alternate step by step, so load bursts from
 other jobs hit all of them, and the median wall-clock and CPU time of this process per step are
 printed with the ratio to `plain`. `--profile` prints torch.profiler's top operators of one plain step.
-Prints numbers only; no assertions. Results on this machine are in the README's throughput section.
+Prints numbers only; no assertions.
+
+Measured on the shared 2-core Xeon (AVX512-BF16 and AVX512-FP16, no AMX; torch 2.14.1), batch 32,
+median CPU ms per step of this process (wall-clock only where the machine was quiet enough):
+
+  --threads 1 --steps 5 --warmup 2 (load ~5; wall close to CPU)      CPU ms   vs plain
+    plain                                                              1033     1.00x
+    channels_last                                                       973     1.06x  (0.94x wall)
+    foreach AdamW                                                      1073     0.96x
+    fused AdamW                                                        1035     1.00x
+    bf16 autocast                                                      1642     0.63x
+    SDPA math backend                                                  1078     0.96x
+    classic attention (AttnProcessor)                                  1082     0.95x
+  repeated at load ~10: channels_last 0.99x, channels_last_input 1.04x; at 2 threads (load ~7,
+  CPU time inflated 5x by threads waiting for cores) channels_last 1.17x, fused 1.00x.
+  torch.profiler of one plain step (1 thread): convolution backward 33%, convolution forward 13%,
+  matmuls (mm + addmm) 23%, SDPA flash attention (forward + backward) 7%, GroupNorm 2%, GELU/SiLU
+  backward 2%, AdamW 5%.
+
+So on this CPU nothing pays reliably: bf16 is 1.6x slower without AMX, the optimizer is ~5% of a step
+whatever kernel it uses, attention is 7%, and channels-last moves within the noise (and would need
+contiguous copies for every safetensors checkpoint and export), so train_ldm keeps the plain step.
 """
 
 from __future__ import annotations
@@ -38,7 +61,7 @@ import torch
 from ldm.objective import DIFFUSION_PRESETS, DiffusionObjective
 from ldm.unet import build_unet, unet_denoiser
 
-VARIANTS = ("plain", "channels_last", "foreach", "fused", "bf16_autocast", "sdpa_math", "attn_classic", "compile")
+VARIANTS = ("plain", "channels_last", "channels_last_input", "foreach", "fused", "bf16_autocast", "sdpa_math", "attn_classic", "compile")
 
 
 @dataclass
@@ -63,6 +86,8 @@ def make_variant(name: str, base: torch.nn.Module, lr: float = 1e-4) -> Variant:
     memory_format = torch.contiguous_format
     if name == "channels_last":
         unet = unet.to(memory_format=torch.channels_last)
+        memory_format = torch.channels_last
+    elif name == "channels_last_input":
         memory_format = torch.channels_last
     elif name == "foreach":
         adam = {"foreach": True}
@@ -126,12 +151,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (compile's include compiling)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--preset", default="small", help="UNet preset (ldm.unet.UNET_PRESETS)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of one plain step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = build_unet("small", cross_attention_dim=384)
+    base = build_unet(args.preset, cross_attention_dim=384)
     objective = DiffusionObjective(DIFFUSION_PRESETS["sd_min_snr"])
     data = torch.Generator().manual_seed(0)
     latents = torch.randn(args.batch_size, 4, 16, 16, generator=data)  # [B, 4, 16, 16]
@@ -155,7 +181,8 @@ def main() -> None:
 
 
 def report(variants: list[Variant], args: argparse.Namespace) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} at 64 px, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} UNet, "
+          f"batch {args.batch_size} at 64 px, "
           f"{args.steps} steps per variant after {args.warmup} warm-up")
     ref = variants[0]
     ref_wall, ref_cpu = statistics.median(ref.wall), statistics.median(ref.cpu)
