@@ -36,11 +36,14 @@ median CPU ms per step of this process (wall-clock only where the machine was qu
     classic attention (AttnProcessor)                                  1082     0.95x
   repeated at load ~10: channels_last 0.99x, channels_last_input 1.04x; at 2 threads (load ~7,
   CPU time inflated 5x by threads waiting for cores) channels_last 1.17x, fused 1.00x.
+  torch.compile (--steps 4 --warmup 2, load ~8): 1173 vs 1302 CPU ms per step (1.11x) once compiled;
+  compiling took 267 CPU-seconds (this process and inductor's workers; 1,553 s wall at that load), so
+  it pays back after ~2,000 steps: not within the demo's ~600-step, 8-minute stage 3.
   torch.profiler of one plain step (1 thread): convolution backward 33%, convolution forward 13%,
   matmuls (mm + addmm) 23%, SDPA flash attention (forward + backward) 7%, GroupNorm 2%, GELU/SiLU
   backward 2%, AdamW 5%.
 
-So on this CPU nothing pays reliably: bf16 is 1.6x slower without AMX, the optimizer is ~5% of a step
+So on this CPU nothing pays within a short run: bf16 is 1.6x slower without AMX, the optimizer is ~5% of a step
 whatever kernel it uses, attention is 7%, and channels-last moves within the noise (and would need
 contiguous copies for every safetensors checkpoint and export), so train_ldm keeps the plain step.
 """
