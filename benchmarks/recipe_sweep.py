@@ -36,6 +36,11 @@ from ldm.cli import parse_config
 FLOW = ["--diffusion.schedule.prediction-type", "flow_prediction", "--diffusion.timestep-sampling", "logit_normal",
         "--diffusion.min-snr-gamma", "None"]
 ATTN16 = ["--unet.attention-levels", "True", "True", "True"]  # tuple[bool, ...] fields take values
+EMA03 = ["--run.ema-sigma-rel", "0.03"]
+# Seconds per step relative to `small` (UNet forward + backward + AdamW, batch 32, 16x16x4 latents,
+# 24 text tokens, 1 thread, medians of 5 interleaved rounds of benchmarks/unet_step_cost.py, machine shared):
+# attention also at 16x16 1.58, channels (48, 96, 96) 0.69.
+ATTN16_COST, C48_COST = 1.58, 0.69
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class Variant:
     """What the variant changes, for the table."""
     steps_scale: float = 1.0
     """Steps relative to --steps (seconds per step of `today` / of this variant, measured)."""
+    data: str = ""
+    """Other training data than --data (with its own latent cache); the benchmark still uses --data."""
 
 
 VARIANTS: dict[str, Variant] = {
@@ -53,13 +60,24 @@ VARIANTS: dict[str, Variant] = {
     "flow": Variant(tuple(FLOW) + ("--posthoc-ema.snapshot-every", "100"),
                     "rectified flow, velocity target, logit-normal(0, 1) t"),
     "flow_lr3e-3": Variant(tuple(FLOW) + ("--lr", "3e-3"), "flow, lr 3e-3"),
+    "flow_lr4e-3": Variant(tuple(FLOW) + ("--lr", "4e-3"), "flow, lr 4e-3"),
+    "flow_base": Variant(tuple(FLOW), "flow, base emoji only (no skin-tone variants: 1,720 of 3,415 images)",
+                         data="runs/sweep/data_base"),
     "flow_lr1e-3": Variant(tuple(FLOW) + ("--lr", "1e-3"), "flow, lr 1e-3"),
     "vpred": Variant(("--diffusion.schedule.prediction-type", "v_prediction", "--diffusion.schedule.zero-terminal-snr"), "v-prediction, zero terminal SNR, min-SNR 5"),
-    "flow_attn16": Variant(tuple(FLOW) + tuple(ATTN16), "flow, attention also at 16x16", steps_scale=1.0),
     "flow_ema9995": Variant(tuple(FLOW) + ("--run.ema-decay", "0.9995"), "flow, EMA 0.9995"),
     "flow_ema995": Variant(tuple(FLOW) + ("--run.ema-decay", "0.995"), "flow, EMA 0.995"),
     "flow_b64": Variant(tuple(FLOW) + ("--run.batch-size", "64", "--lr", "3e-3"), "flow, batch 64, lr 3e-3",
                         steps_scale=0.5),
+    "flow_ema03": Variant(tuple(FLOW) + ("--run.ema-sigma-rel", "0.03"), "flow, EMA of relative length 0.03"),
+    "flow_ema03_b99": Variant(tuple(FLOW) + ("--run.ema-sigma-rel", "0.03", "--adam-betas", "0.9", "0.99"),
+                              "flow, EMA 0.03, Adam beta2 0.99"),
+    "today_ema03": Variant(("--run.ema-sigma-rel", "0.03"), "today's recipe with an EMA of relative length 0.03"),
+    "flow_ema03_attn16": Variant(tuple(FLOW + EMA03 + ATTN16), "flow, EMA 0.03, attention also at 16x16",
+                                 steps_scale=1 / ATTN16_COST),
+    "flow_ema03_c48": Variant(tuple(FLOW + EMA03) + ("--unet.block-out-channels", "48", "96", "96",
+                                                     "--unet.norm-num-groups", "16"),
+                              "flow, EMA 0.03, channels (48, 96, 96) (4.2 M)", steps_scale=1 / C48_COST),
     "flow_const": Variant(tuple(FLOW) + ("--run.lr-schedule", "constant"), "flow, constant LR after warmup"),
     "flow_anneal": Variant(tuple(FLOW) + ("--run.lr-schedule-steps", "0"), "flow, cosine annealed to 0 at the end"),
 }
@@ -99,11 +117,12 @@ class SweepConfig:
 
 def train_command(cfg: SweepConfig, name: str) -> list[str]:
     v = VARIANTS[name]
+    cache = cfg.out / ("cache" if not v.data else f"cache_{name}")
     steps = max(1, round(cfg.steps * v.steps_scale))
     schedule = max(1, round(cfg.schedule_steps * v.steps_scale))
-    return [sys.executable, "launch/train_ldm.py", "--preset", "small", "--data", cfg.data, "--val-data", cfg.val_data,
+    return [sys.executable, "launch/train_ldm.py", "--preset", "small", "--data", v.data or cfg.data, "--val-data", cfg.val_data,
             "--vae", str(cfg.vae), "--text-encoder", cfg.text_encoder, "--cache-latents", "--cache-text",
-            "--cache-dir", str(cfg.out / "cache"), "--run.output-dir", str(cfg.out / name),
+            "--cache-dir", str(cache), "--run.output-dir", str(cfg.out / name),
             "--run.max-steps", str(steps), "--run.lr-schedule-steps", str(schedule), "--run.num-workers", "0",
             "--run.checkpoint-every", str(steps), "--sample-every", str(steps), "--run.report-to", "none",
             *cfg.extra, *v.args]

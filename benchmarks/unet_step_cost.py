@@ -1,0 +1,65 @@
+"""Seconds per training step of UNet shapes around the `small` preset, as ratios (for equal-wall-clock sweeps).
+
+    python benchmarks/unet_step_cost.py [--threads 1] [--rounds 6]
+
+Forward + backward + AdamW at the demo's shapes (batch 32, 16x16x4 latents, 24 text tokens of width
+384), the variants interleaved round by round so machine load affects them alike; medians after
+one warm-up round. benchmarks/recipe_sweep.py scales the steps of its shape variants by these ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from ldm.unet import UNET_PRESETS, build_unet
+
+
+def shapes():
+    base = UNET_PRESETS["small"]
+    return {"small": base,
+            "attention at 16x16 too": dataclasses.replace(base, attention_levels=(True, True, True)),
+            "channels (96,192,192)": dataclasses.replace(base, block_out_channels=(96, 192, 192)),
+            "2 layers per block": dataclasses.replace(base, layers_per_block=2),
+            "channels (48,96,96)": dataclasses.replace(base, block_out_channels=(48, 96, 96), norm_num_groups=16)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    nets = {k: build_unet(v, cross_attention_dim=384, latent_channels=4) for k, v in shapes().items()}
+    opts = {k: torch.optim.AdamW(n.parameters(), lr=1e-4) for k, n in nets.items()}
+    x = torch.randn(args.batch, 4, 16, 16, generator=g)
+    context = torch.randn(args.batch, 24, 384, generator=g)
+    t = torch.randint(0, 1000, (args.batch,), generator=g)
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for r in range(args.rounds):
+        for k, net in nets.items():
+            start = time.perf_counter()
+            net(x, t, encoder_hidden_states=context).sample.square().mean().backward()
+            opts[k].step()
+            opts[k].zero_grad()
+            if r:
+                times[k].append(time.perf_counter() - start)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"{'shape':<24} {'params':>8} {'s/step':>7} {'ratio':>6}   ({args.threads} thread(s), batch {args.batch})")
+    for k, net in nets.items():
+        n = sum(p.numel() for p in net.parameters()) / 1e6
+        print(f"{k:<24} {n:7.2f}M {med[k]:7.3f} {med[k] / med['small']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
