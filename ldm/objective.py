@@ -371,7 +371,7 @@ class DiffusionObjective:
         """Weighted denoising loss for one batch.
 
         latents: normalised latents x_0 [B, C, h, w]; cond: text hidden states [B, L, D] (caption
-        dropout already applied by ``ldm.conditioning.drop_captions``). Returns the scalar loss and
+        dropout already applied, ``ldm.conditioning``). Returns the scalar loss and
         detached tensors to log (no ``.item()`` here: callers sync only at log intervals).
         """
         timesteps = self.sample_timesteps(latents.shape[0], generator, tuple(latents.shape[-2:]))
