@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from data.captions import variant_position
-from data.sample import sample_draws
+from data.sample import SampleDraws, sample_draws
 from foundation import derived_seed
 from ldm.cache.reader import LatentCache
 
@@ -46,10 +46,13 @@ def sample_latents(latent_mean: torch.Tensor, latent_std: torch.Tensor, generato
     return mean + latent_std.to(device, torch.float32) * eps
 
 
-def chosen_variant(cache: LatentCache, row: int, seed: int, epoch: int) -> int:
-    """Which caption variant of cache row `row` training uses in `epoch`: the uncached loader's pick."""
+def chosen_variant(cache: LatentCache, row: int, seed: int, epoch: int, draws: SampleDraws | None = None) -> int:
+    """Which caption variant of cache row `row` training uses in `epoch`: the uncached loader's pick.
+    `draws`: the row's `sample_draws(seed, epoch, identity)` when the caller has them already."""
     n = len(cache.caption_variants[row])
-    return 0 if n == 1 else variant_position(sample_draws(seed, epoch, cache.identities[row]).caption, n)
+    if n == 1:
+        return 0
+    return variant_position((draws or sample_draws(seed, epoch, cache.identities[row])).caption, n)
 
 
 def cached_batch(cache: LatentCache, rows: list[int], flipped: list[bool], variants: list[int], *,

@@ -111,8 +111,9 @@ class CachedPlannedLoader:
             row = int(part[offset])
             offset += 1
             rows.append(row)
-            flipped.append(self.cache.has_flip and sample_draws(self.seed, epoch, self.cache.identities[row]).flip < 0.5)
-            variants.append(chosen_variant(self.cache, row, self.seed, epoch))
+            draws = sample_draws(self.seed, epoch, self.cache.identities[row])  # as data.stream.process_record
+            flipped.append(self.cache.has_flip and draws.flip < 0.5)
+            variants.append(chosen_variant(self.cache, row, self.seed, epoch, draws))
         self.stream_positions[k] = [epoch, offset]
         self.step += 1
         self.batches += 1
