@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
+from data.buckets import bucket_name
 from data.config import DataConfig
 from data.stream import (MapSource, ShardPlan, collate, derived_seed, interleave, lane_shard_items, process_record,
                          worker_lanes)
@@ -246,3 +247,12 @@ class PlannedStream(IterableDataset):
     def _finite_batch(k: int, samples: list, bad: list, lane: int, position: dict[str, Any]) -> dict[str, Any]:
         return {"batch": collate(samples) if samples else None, "stream": k, "bad": bad, "lane": lane,
                 "position": position}
+
+
+def bucket_histogram(streams) -> dict[str, int]:
+    """Samples per bucket ("square" when unbucketed) over sub-streams with ``bucket`` and ``size``."""
+    out: dict[str, int] = {}
+    for s in streams:
+        name = "square" if s.bucket is None else bucket_name(s.bucket)
+        out[name] = out.get(name, 0) + s.size
+    return out

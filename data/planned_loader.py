@@ -21,7 +21,7 @@ from data.config import DataConfig, DataConfigError
 from data.loader import open_map_source
 from data.workers import LoaderBase, WorkerInit, _json_copy, _workers_dividing
 from data.mix import mixed_sources
-from data.planned import PlannedStream, SubStream, batch_counts
+from data.planned import PlannedStream, SubStream, batch_counts, bucket_histogram
 from data.size_index import image_sizes, shard_sample_counts
 from data.spec import parse_source_spec
 from data.stream import MapSource
@@ -152,11 +152,7 @@ class PlannedLoader(LoaderBase):
     @property
     def bucket_histogram(self) -> dict[str, int]:
         """Samples per bucket (all sources), as assigned when the loader was built."""
-        out: dict[str, int] = {}
-        for s in self.streams:
-            name = "square" if s.bucket is None else bucket_name(s.bucket)
-            out[name] = out.get(name, 0) + s.size
-        return out
+        return bucket_histogram(self.streams)
 
     @property
     def epoch(self) -> int:

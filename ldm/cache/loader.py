@@ -134,11 +134,7 @@ class CachedLatentLoader:
 
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Restore this rank's position; `state` is its own dict or the list of all ranks' dicts."""
-        if isinstance(state, list):
-            mine = [s for s in state if s.get("rank") == self.rank]
-            if len(mine) != 1:
-                raise ValueError(f"the saved cache-loader states hold no single entry for rank {self.rank}")
-            state = mine[0]
+        state = own_rank_state(state, self.rank)
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"saved cache-loader state has version {state.get('version')}, expected {STATE_VERSION}")
         for name in ("seed", "rank", "world_size", "num_samples"):
@@ -148,3 +144,13 @@ class CachedLatentLoader:
                     f"run has {name}={self.state_dict()[name]!r}. Resume with the same cache, seed and process count."
                 )
         self.position, self.batches = int(state["position"]), int(state["batches"])
+
+
+def own_rank_state(state: dict[str, Any] | list[dict[str, Any]], rank: int) -> dict[str, Any]:
+    """This rank's entry of a cache loader's saved state (its own dict, or the list of all ranks')."""
+    if isinstance(state, list):
+        mine = [s for s in state if s.get("rank") == rank]
+        if len(mine) != 1:
+            raise ValueError(f"the saved cache-loader states hold no single entry for rank {rank}")
+        state = mine[0]
+    return state

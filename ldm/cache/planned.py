@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 
 import data
-from data.buckets import bucket_name
 from data.mix import mixed_sources
-from data.planned import Schedule, SubStream, batch_counts, stream_part
+from data.planned import Schedule, SubStream, batch_counts, bucket_histogram, stream_part
 from data.sample import sample_draws
-from ldm.cache.loader import CachedLatentLoader, cached_batch, chosen_variant
+from ldm.cache.loader import CachedLatentLoader, cached_batch, chosen_variant, own_rank_state
 from ldm.cache.reader import LatentCache
 
 logger = logging.getLogger(__name__)
@@ -130,11 +129,7 @@ class CachedPlannedLoader:
     @property
     def bucket_histogram(self) -> dict[str, int]:
         """Cached samples per bucket (all sources)."""
-        out: dict[str, int] = {}
-        for s in self.streams:
-            name = "square" if s.bucket is None else bucket_name(s.bucket)
-            out[name] = out.get(name, 0) + s.size
-        return out
+        return bucket_histogram(self.streams)
 
     @property
     def epoch(self) -> int:
@@ -153,11 +148,7 @@ class CachedPlannedLoader:
 
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Restore this rank's position; `state` is its own dict or the list of all ranks' dicts."""
-        if isinstance(state, list):
-            mine = [s for s in state if s.get("rank") == self.rank]
-            if len(mine) != 1:
-                raise ValueError(f"the saved cache-loader states hold no single entry for rank {self.rank}")
-            state = mine[0]
+        state = own_rank_state(state, self.rank)
         for name, value in self._identity().items():
             if state.get(name) != value:
                 raise ValueError(
