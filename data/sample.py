@@ -60,7 +60,9 @@ def sample_draws(seed: int, epoch: int, identity: int | str) -> SampleDraws:
 
 
 CENTER_DRAWS = SampleDraws(0.5, 0.5, 1.0, 0.0)
-"""Centre crop, never flipped, first list caption: the deterministic view for statistics and validation."""
+"""Centre crop, never flipped, first list caption: one record's fixed view (the emoji classifier's). Single
+passes (`iterate_once`: statistics, validation, cache builds) also centre-crop unflipped, but pick a list
+caption with each sample's own draws, as training does."""
 
 
 def decode_record(record: RawRecord, cfg: DataConfig, *, draft_min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
