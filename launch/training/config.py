@@ -84,6 +84,9 @@ def run_config_problems(run: RunConfig) -> list[str]:
             out.append(f"{name}={value} must be a finite number >= 0 (0: off)")
     if not (isinstance(run.ema_decay, (int, float)) and 0.0 <= run.ema_decay < 1.0):
         out.append(f"ema_decay={run.ema_decay} must be in [0, 1) (0: no EMA)")
+    if isinstance(run.lr_schedule_steps, int) and 0 < run.lr_schedule_steps < run.max_steps:
+        out.append(f"lr_schedule_steps={run.lr_schedule_steps} must be 0 or at least max_steps={run.max_steps} (past its "
+                   "end a cosine schedule would raise the LR again)")
     if not (isinstance(run.ema_sigma_rel, (int, float)) and 0.0 <= run.ema_sigma_rel < 0.28):
         out.append(f"ema_sigma_rel={run.ema_sigma_rel} must be in [0, 0.28) (0: the (1+t)/(10+t) warmup)")
     for name, allowed in (("mixed_precision", ("no", "fp16", "bf16")), ("lr_schedule", ("constant", "cosine", "linear")),
