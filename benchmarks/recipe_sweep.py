@@ -83,6 +83,10 @@ VARIANTS: dict[str, Variant] = {
                               data="runs/sweep/data_var/train"),
     "flow_ema03_captions": Variant(tuple(FLOW + EMA03), "flow, EMA 0.03, list captions (as today_captions)",
                                    data="runs/sweep/data_var/train"),
+    "flow_ema03_c48_captions": Variant(tuple(FLOW + EMA03) + ("--unet.block-out-channels", "48", "96", "96",
+                                                              "--unet.norm-num-groups", "16"),
+                                       "flow_ema03_c48 with list captions (as today_captions)",
+                                       steps_scale=1 / C48_COST, data="runs/sweep/data_var/train"),
     "flow_const": Variant(tuple(FLOW) + ("--run.lr-schedule", "constant"), "flow, constant LR after warmup"),
     "flow_anneal": Variant(tuple(FLOW) + ("--run.lr-schedule-steps", "0"), "flow, cosine annealed to 0 at the end"),
 }
