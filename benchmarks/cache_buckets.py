@@ -27,7 +27,8 @@ from PIL import Image
 import data
 from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
 from autoencoder.frozen import FrozenEncoder
-from ldm.cache import CacheSpec, build_cache, cached_loader, open_cache
+from benchmarks.cache_build import read_rate
+from ldm.cache import CacheSpec, build_cache, open_cache
 from text_encoder import load_text_encoder
 
 SHAPES = {"portrait": (96, 160), "landscape": (160, 96), "panorama": (320, 64), "square": (128, 128), "tiny": (24, 20)}
@@ -72,18 +73,6 @@ def bytes_per_image(spec: CacheSpec) -> tuple[float, float]:
     total = sum(info["bytes"] for name, info in cache.manifest["files"].items() if name.startswith("rank"))
     text = sum(s["num_texts"] for s in cache.manifest["shards"]) * int(np.prod(cache.null_hidden.shape[1:])) * 2
     return total / len(cache), text / len(cache)
-
-
-def read_rate(spec: CacheSpec, in_memory: bool, batches: int) -> float:
-    """Samples per second of the cache's training loader (batch 32, text included), after 2 warm-up batches."""
-    loader = cached_loader(open_cache(spec.cache_dir, spec.key, verify_sha256=False, in_memory=in_memory),
-                           spec.data, batch_size=32, seed=0)
-    for _ in range(2):
-        next(loader)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(loader)
-    return batches * 32 / (time.perf_counter() - start)
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ import data
 import ldm.cache.build as build_module
 from autoencoder import AUTOENCODER_PRESETS, build_autoencoder
 from autoencoder.frozen import FrozenEncoder
-from ldm.cache import CachedLatentLoader, CacheSpec, build_cache, data_files_fingerprint, open_cache
+from ldm.cache import CacheSpec, build_cache, cached_loader, data_files_fingerprint, open_cache
 from ldm.cache.encode import EncodedBatch
 from text_encoder import load_text_encoder
 
@@ -139,9 +139,9 @@ def bytes_per_image(spec: CacheSpec) -> float:
 
 
 def read_rate(spec: CacheSpec, in_memory: bool, batches: int = 40) -> float:
-    """Samples per second of CachedLatentLoader (batch 32, text included) after two warm-up batches."""
-    loader = CachedLatentLoader(open_cache(spec.cache_dir, spec.key, verify_sha256=False, in_memory=in_memory),
-                                batch_size=32, seed=0)
+    """Samples per second of the cache's training loader (batch 32, text included) after two warm-up batches."""
+    loader = cached_loader(open_cache(spec.cache_dir, spec.key, verify_sha256=False, in_memory=in_memory),
+                           spec.data, batch_size=32, seed=0)
     for _ in range(2):
         next(loader)
     start = time.perf_counter()
