@@ -149,6 +149,7 @@ def unet_config_from(config: dict[str, Any]) -> UNetConfig | None:
         heads = heads[0] if len(set(heads)) == 1 else None
     if heads is None or not all(b in ("CrossAttnDownBlock2D", "DownBlock2D") for b in down):
         return None
+    pooled = config.get("addition_embed_type") == "text"
     try:
         ours = UNetConfig(
             block_out_channels=tuple(config["block_out_channels"]),
@@ -157,6 +158,8 @@ def unet_config_from(config: dict[str, Any]) -> UNetConfig | None:
             transformer_layers_per_block=config.get("transformer_layers_per_block", 1),
             use_linear_projection=config.get("use_linear_projection", False),
             norm_num_groups=config.get("norm_num_groups", 32), sample_size=config.get("sample_size", 64),
+            pooled_text=pooled,
+            **({"pooled_text_heads": config.get("addition_embed_type_num_heads", 64)} if pooled else {}),
         )
     except (ValueError, TypeError, KeyError):
         return None

@@ -41,13 +41,18 @@ class UNetConfig:
     """GroupNorm groups; every entry of block_out_channels must be a multiple of it."""
     sample_size: int = 16
     """Nominal latent side (only informs diffusers' default height/width); training sets it to resolution / autoencoder factor."""
+    pooled_text: bool = False
+    """Also add an attention-pooled summary of the text to the timestep embedding, so every ResNet block (not only the attention levels) sees the prompt: diffusers' ``addition_embed_type="text"`` (as in DeepFloyd IF), computed inside the UNet from the same hidden states, so stock ``StableDiffusionPipeline`` runs it unchanged."""
+    pooled_text_heads: int = 8
+    """Heads of that attention pooling (diffusers' ``addition_embed_type_num_heads``); must divide the text width."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
         if not self.block_out_channels or any(int(c) < 1 for c in self.block_out_channels):
             raise ValueError(f"UNetConfig: block_out_channels {self.block_out_channels} must name one or more positive widths.")
-        for name in ("layers_per_block", "num_heads", "transformer_layers_per_block", "norm_num_groups", "sample_size"):
+        for name in ("layers_per_block", "num_heads", "transformer_layers_per_block", "norm_num_groups", "sample_size",
+                     "pooled_text_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"UNetConfig: {name}={getattr(self, name)} must be at least 1.")
         if len(self.attention_levels) != len(self.block_out_channels):
@@ -142,6 +147,13 @@ def unet_kwargs(cfg: UNetConfig, cross_attention_dim: int, latent_channels: int 
     """The ``UNet2DConditionModel`` constructor arguments for ``cfg`` (also stored in manifests)."""
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
+    if cfg.pooled_text and cross_attention_dim % cfg.pooled_text_heads:
+        raise ValueError(
+            f"UNetConfig: pooled_text_heads={cfg.pooled_text_heads} does not divide the text width "
+            f"{cross_attention_dim}; pick a divisor of {cross_attention_dim}."
+        )
+    pooled = (dict(addition_embed_type="text", addition_embed_type_num_heads=cfg.pooled_text_heads)
+              if cfg.pooled_text else {})
     return dict(
         sample_size=cfg.sample_size,
         in_channels=latent_channels,
@@ -156,6 +168,7 @@ def unet_kwargs(cfg: UNetConfig, cross_attention_dim: int, latent_channels: int 
         use_linear_projection=cfg.use_linear_projection,
         norm_num_groups=cfg.norm_num_groups,
         cross_attention_dim=cross_attention_dim,
+        **pooled,
     )
 
 

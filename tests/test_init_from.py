@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -121,6 +122,8 @@ def test_unet_config_from_reads_back_what_we_build_and_refuses_what_we_cannot_ex
         config = {"_class_name": "UNet2DConditionModel", **unet_kwargs(UNET_PRESETS[name], 768, 4)}
         config = json.loads(json.dumps(config))  # tuples become lists, as in a config.json
         assert unet_config_from(config) == UNET_PRESETS[name], name
+    pooled = dataclasses.replace(UNET_PRESETS["compact"], pooled_text=True)
+    assert unet_config_from(json.loads(json.dumps(unet_kwargs(pooled, 384, 4)))) == pooled
     sd2 = json.loads(json.dumps(unet_kwargs(UNET_PRESETS["sd15"], 1024, 4)))
     sd2["attention_head_dim"] = [5, 10, 20, 20]  # SD 2.x: heads per level
     assert unet_config_from(sd2) is None

@@ -20,6 +20,9 @@ CASES = {
     "clip-eps": ("clip", NoiseScheduleConfig()),
     "bert-v-zero-snr": ("bert", NoiseScheduleConfig(prediction_type="v_prediction", zero_terminal_snr=True)),
     "clip-flow-shift3": ("clip", NoiseScheduleConfig(prediction_type="flow_prediction", flow_shift=3.0)),
+    # The UNet's own attention-pooled text summary (UNetConfig.pooled_text) needs nothing from the pipeline.
+    "bert-flow-pooled-text": ("bert", NoiseScheduleConfig(prediction_type="flow_prediction"),
+                              dict(pooled_text=True, pooled_text_heads=2)),
 }
 
 
@@ -33,9 +36,9 @@ def psnr(a: list, b: list) -> float:
 
 @pytest.fixture(scope="module", params=list(CASES))
 def saved(request, tmp_path_factory):
-    encoder, schedule = CASES[request.param]
+    encoder, schedule, *unet_fields = CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    tiny_pipeline(root, encoder=encoder, schedule=schedule).save_pretrained(root / "pipe")
+    tiny_pipeline(root, encoder=encoder, schedule=schedule, **(unet_fields[0] if unet_fields else {})).save_pretrained(root / "pipe")
     ours = LatentDiffusionPipeline.from_pretrained(root / "pipe")
     stock = StableDiffusionPipeline.from_pretrained(root / "pipe")
     stock.set_progress_bar_config(disable=True)

@@ -201,10 +201,11 @@ def tiny_pipeline(
     seed: int = 0,
     vae: Path | None = None,
     sample_size: int | None = None,
+    **unet_fields,
 ) -> LatentDiffusionPipeline:
     """An untrained tiny ``LatentDiffusionPipeline`` in memory, built the way the training script
     builds one; its text encoder is written to ``root/clip`` (or ``root/bert``), its autoencoder
-    to ``root/vae`` unless ``vae`` names one. ``sample_size`` overrides the UNet preset's."""
+    to ``root/vae`` unless ``vae`` names one. ``sample_size`` and ``unet_fields`` override the UNet preset's."""
     from text_encoder import load_text_encoder
 
     from ldm.objective import NoiseScheduleConfig
@@ -213,7 +214,7 @@ def tiny_pipeline(
 
     encoder_dir = tiny_clip_dir(root) if encoder == "clip" else tiny_bert_dir(root)
     text_encoder = load_text_encoder(f"hf:{encoder_dir}", null=null)
-    unet_config = UNET_PRESETS["tiny"]
+    unet_config = dataclasses.replace(UNET_PRESETS["tiny"], **unet_fields)
     if sample_size is not None:
         unet_config = dataclasses.replace(unet_config, sample_size=sample_size)
     torch.manual_seed(seed)
