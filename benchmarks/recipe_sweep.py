@@ -87,6 +87,14 @@ VARIANTS: dict[str, Variant] = {
                                                               "--unet.norm-num-groups", "16"),
                                        "flow_ema03_c48 with list captions (as today_captions)",
                                        steps_scale=1 / C48_COST, data="runs/sweep/data_var/train"),
+    # Relative to the `small` preset since the sweep above (flow, EMA 0.03, `compact` UNet): run these
+    # with --steps set to what that preset trains in the demo's minutes.
+    "now": Variant((), "the demo's recipe since the first sweep: flow, EMA 0.03, compact (48,96,96) UNet"),
+    "now_pooled": Variant(("--unet.pooled-text",), "now + attention-pooled text added to the timestep "
+                          "embedding (UNetConfig.pooled_text; every ResNet block sees the prompt)"),
+    "now_pooled_captions": Variant(("--unet.pooled-text",), "now_pooled with list captions (as today_captions)",
+                                   data="runs/sweep/data_var/train"),
+    "now_pooled_p2": Variant(("--unet.pooled-text", "--p-uncond", "0.2"), "now_pooled, caption dropout 0.2"),
     "flow_const": Variant(tuple(FLOW) + ("--run.lr-schedule", "constant"), "flow, constant LR after warmup"),
     "flow_anneal": Variant(tuple(FLOW) + ("--run.lr-schedule-steps", "0"), "flow, cosine annealed to 0 at the end"),
 }

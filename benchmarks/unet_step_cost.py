@@ -29,7 +29,8 @@ def shapes():
             "attention at 16x16 too": dataclasses.replace(base, attention_levels=(True, True, True)),
             "channels (96,192,192)": dataclasses.replace(base, block_out_channels=(96, 192, 192)),
             "2 layers per block": dataclasses.replace(base, layers_per_block=2),
-            "channels (48,96,96)": dataclasses.replace(base, block_out_channels=(48, 96, 96), norm_num_groups=16)}
+            "channels (48,96,96)": UNET_PRESETS["compact"],
+            "(48,96,96) + pooled text": dataclasses.replace(UNET_PRESETS["compact"], pooled_text=True)}
 
 
 def main() -> None:
@@ -37,10 +38,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--only", nargs="*", default=None, help="shape names to time (default: all; 'small' always)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    nets = {k: build_unet(v, cross_attention_dim=384, latent_channels=4) for k, v in shapes().items()}
+    nets = {k: build_unet(v, cross_attention_dim=384, latent_channels=4) for k, v in shapes().items()
+            if args.only is None or k == "small" or k in args.only}
     opts = {k: torch.optim.AdamW(n.parameters(), lr=1e-4) for k, n in nets.items()}
     x = torch.randn(args.batch, 4, 16, 16, generator=g)
     context = torch.randn(args.batch, 24, 384, generator=g)
