@@ -65,9 +65,15 @@ class DiffusersStyleStep:
     """The example's training step on `unet` (a copy is trained), `vae` and `text_encoder`."""
 
     def __init__(self, folder: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                 tokenizer: PreTrainedTokenizerBase, resolution: int, batch_size: int, workers: int) -> None:
+                 tokenizer: PreTrainedTokenizerBase, resolution: int, batch_size: int, workers: int,
+                 mixed_precision: str = "no") -> None:
         torch.manual_seed(0)
         self.unet = copy.deepcopy(unet).train()
+        # --mixed_precision bf16: the example casts the frozen encoders to weight_dtype and accelerate
+        # autocasts the UNet's forward (its weights and optimizer stay fp32).
+        self.weight_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+        if self.weight_dtype != torch.float32:
+            vae, text_encoder = copy.deepcopy(vae).to(self.weight_dtype), copy.deepcopy(text_encoder).to(self.weight_dtype)
         self.vae, self.text_encoder = vae, text_encoder
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)
         self.lr_scheduler = get_scheduler("constant", optimizer=self.optimizer)
@@ -90,7 +96,7 @@ class DiffusersStyleStep:
         with phase("data/collate"):
             batch = self._next_batch()
         with phase("VAE encode"):
-            latents = self.vae.encode(batch["pixel_values"]).latent_dist.sample()
+            latents = self.vae.encode(batch["pixel_values"].to(self.weight_dtype)).latent_dist.sample()
             latents = latents * self.vae.config.scaling_factor  # [B, 4, 16, 16]
         with phase("text encode"):
             hidden = self.text_encoder(batch["input_ids"])[0]  # [B, 77, 384]
@@ -98,7 +104,8 @@ class DiffusersStyleStep:
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, 1000, (latents.shape[0],), device=latents.device).long()
             noisy = self.scheduler.add_noise(latents, noise, timesteps)
-            pred = self.unet(noisy, timesteps, hidden).sample
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.weight_dtype == torch.bfloat16):
+                pred = self.unet(noisy, timesteps, hidden).sample
             snr = compute_snr(self.scheduler, timesteps)
             weights = torch.stack([snr, 5.0 * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
             loss = F.mse_loss(pred.float(), noise.float(), reduction="none")

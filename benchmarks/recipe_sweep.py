@@ -41,6 +41,9 @@ EMA03 = ["--run.ema-sigma-rel", "0.03"]
 # 24 text tokens, 1 thread, medians of 5 interleaved rounds of benchmarks/unet_step_cost.py, machine shared):
 # attention also at 16x16 1.58, channels (48, 96, 96) 0.69.
 ATTN16_COST, C48_COST = 1.58, 0.69
+# Relative to `compact` (the same tool, 9 interleaved rounds, 1 thread, quiet 2-core Xeon with AMX):
+# `small` 1.52 (compact 0.66x of it), pooled text 1.01, channels (32,64,64) 0.57, batch 16 0.56 per step.
+SMALL_OVER_COMPACT, POOLED_COST, C32_COST, B16_COST = 1.52, 1.01, 0.57, 0.56
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,18 @@ VARIANTS: dict[str, Variant] = {
     # Relative to the `small` preset since the sweep above (flow, EMA 0.03, `compact` UNet): run these
     # with --steps set to what that preset trains in the demo's minutes.
     "now": Variant((), "the demo's recipe since the first sweep: flow, EMA 0.03, compact (48,96,96) UNet"),
+    "old": Variant(("--diffusion.schedule.prediction-type", "epsilon", "--diffusion.timestep-sampling", "uniform",
+                    "--diffusion.min-snr-gamma", "5", "--run.ema-sigma-rel", "0", "--unet.block-out-channels", "64",
+                    "128", "128", "--unet.norm-num-groups", "32"),
+                   "the recipe before the first sweep (the `today` row) at the same wall-clock as `now`",
+                   steps_scale=1 / SMALL_OVER_COMPACT),
+    "now_b16": Variant(("--run.batch-size", "16", "--lr", "1.5e-3"), "now at batch 16 (lr 1.5e-3), more steps",
+                       steps_scale=1 / B16_COST),
+    "now_c32": Variant(("--unet.block-out-channels", "32", "64", "64"), "now with channels (32,64,64) (2.0 M), more steps",
+                       steps_scale=1 / C32_COST),
     "now_pooled": Variant(("--unet.pooled-text",), "now + attention-pooled text added to the timestep "
-                          "embedding (UNetConfig.pooled_text; every ResNet block sees the prompt)"),
+                          "embedding (UNetConfig.pooled_text; every ResNet block sees the prompt)",
+                          steps_scale=1 / POOLED_COST),
     "now_pooled_captions": Variant(("--unet.pooled-text",), "now_pooled with list captions (as today_captions)",
                                    data="runs/sweep/data_var/train"),
     "now_pooled_p2": Variant(("--unet.pooled-text", "--p-uncond", "0.2"), "now_pooled, caption dropout 0.2"),

@@ -30,7 +30,8 @@ def shapes():
             "channels (96,192,192)": dataclasses.replace(base, block_out_channels=(96, 192, 192)),
             "2 layers per block": dataclasses.replace(base, layers_per_block=2),
             "channels (48,96,96)": UNET_PRESETS["compact"],
-            "(48,96,96) + pooled text": dataclasses.replace(UNET_PRESETS["compact"], pooled_text=True)}
+            "(48,96,96) + pooled text": dataclasses.replace(UNET_PRESETS["compact"], pooled_text=True),
+            "channels (32,64,64)": dataclasses.replace(UNET_PRESETS["compact"], block_out_channels=(32, 64, 64))}
 
 
 def main() -> None:
