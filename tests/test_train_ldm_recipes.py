@@ -14,18 +14,19 @@ def tiny_args(data: list[str], vae, out, *extra):
             "--text-encoder", "minilm?max_length=8", "--run.output-dir", str(out), "--sample-every", "1000", *extra]
 
 
-def test_flow_matching_run_trains_validates_and_exports_a_flow_pipeline(captioned_images, tiny_autoencoder, tmp_path):
+def test_flow_matching_run_with_pooled_text_trains_validates_and_exports_a_flow_pipeline(captioned_images, tiny_autoencoder, tmp_path):
     from launch.train_ldm import main
     from ldm.pipeline import LatentDiffusionPipeline
 
     out = tmp_path / "flow"
     main(tiny_args([str(captioned_images)], tiny_autoencoder, out, "--val-data", str(captioned_images),
                    "--diffusion.schedule.prediction-type", "flow_prediction",
-                   "--diffusion.timestep-sampling", "logit_normal", "--run.max-steps", "4"))
+                   "--diffusion.timestep-sampling", "logit_normal", "--run.max-steps", "4", "--unet.pooled-text"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "val" and r["val_loss"] > 0 for r in records)
     pipe = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
     assert pipe.schedule.prediction_type == "flow_prediction"
+    assert pipe.unet.config.addition_embed_type == "text"  # --unet.pooled-text reached the exported UNet
     images = pipe(["a red disc"], steps=2, guidance_scale=2.0, seed=0, sampler="euler")
     assert images[0].size == (32, 32)
     with pytest.raises(ValueError, match="flow"):
