@@ -44,6 +44,8 @@ ATTN16_COST, C48_COST = 1.58, 0.69
 # Relative to `compact` (the same tool, 9 interleaved rounds, 1 thread, quiet 2-core Xeon with AMX):
 # `small` 1.52 (compact 0.66x of it), pooled text 1.01, channels (32,64,64) 0.57, batch 16 0.56 per step.
 SMALL_OVER_COMPACT, POOLED_COST, C32_COST, B16_COST = 1.52, 1.01, 0.57, 0.56
+C24_COST, C32_POOLED_COST = 0.435, 0.60  # (24,48,48) with 8 groups; (32,64,64) with pooled text
+C32 = ("--unet.block-out-channels", "32", "64", "64")
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,12 @@ VARIANTS: dict[str, Variant] = {
                    steps_scale=1 / SMALL_OVER_COMPACT),
     "now_b16": Variant(("--run.batch-size", "16", "--lr", "1.5e-3"), "now at batch 16 (lr 1.5e-3), more steps",
                        steps_scale=1 / B16_COST),
-    "now_c32": Variant(("--unet.block-out-channels", "32", "64", "64"), "now with channels (32,64,64) (2.0 M), more steps",
-                       steps_scale=1 / C32_COST),
+    "now_c32": Variant(C32, "now with channels (32,64,64) (2.0 M), more steps", steps_scale=1 / C32_COST),
+    "now_c32_lr3e-3": Variant(C32 + ("--lr", "3e-3"), "now_c32 at lr 3e-3", steps_scale=1 / C32_COST),
+    "now_c32_pooled": Variant(C32 + ("--unet.pooled-text",), "now_c32 with pooled text (2.5 M)",
+                              steps_scale=1 / C32_POOLED_COST),
+    "now_c24": Variant(("--unet.block-out-channels", "24", "48", "48", "--unet.norm-num-groups", "8"),
+                       "now with channels (24,48,48), 8 groups (1.2 M), more steps", steps_scale=1 / C24_COST),
     "now_pooled": Variant(("--unet.pooled-text",), "now + attention-pooled text added to the timestep "
                           "embedding (UNetConfig.pooled_text; every ResNet block sees the prompt)",
                           steps_scale=1 / POOLED_COST),

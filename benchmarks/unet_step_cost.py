@@ -31,7 +31,11 @@ def shapes():
             "2 layers per block": dataclasses.replace(base, layers_per_block=2),
             "channels (48,96,96)": UNET_PRESETS["compact"],
             "(48,96,96) + pooled text": dataclasses.replace(UNET_PRESETS["compact"], pooled_text=True),
-            "channels (32,64,64)": dataclasses.replace(UNET_PRESETS["compact"], block_out_channels=(32, 64, 64))}
+            "channels (32,64,64)": dataclasses.replace(UNET_PRESETS["compact"], block_out_channels=(32, 64, 64)),
+            "channels (24,48,48)": dataclasses.replace(UNET_PRESETS["compact"], block_out_channels=(24, 48, 48),
+                                                       norm_num_groups=8),
+            "(32,64,64) + pooled text": dataclasses.replace(UNET_PRESETS["compact"], block_out_channels=(32, 64, 64),
+                                                            pooled_text=True)}
 
 
 def main() -> None:
