@@ -60,6 +60,14 @@ def test_bad_configs_are_refused_with_a_reason():
         build_unet("huge", cross_attention_dim=16)
 
 
+def _silence_cross_attention(unet) -> None:
+    """Zero every cross-attention output projection, so no text reaches the UNet through attention."""
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+
+
 def test_pooled_text_reaches_the_blocks_without_attention():
     """With pooled_text the prompt also enters the timestep embedding, so a UNet whose levels have
     no attention at all still depends on the text through its ResNet blocks (diffusers' "text"
@@ -70,11 +78,7 @@ def test_pooled_text_reaches_the_blocks_without_attention():
                               pooled_text_heads=4)
     unet = build_unet(cfg, cross_attention_dim=16)
     assert unet.config.addition_embed_type == "text" and unet.config.addition_embed_type_num_heads == 4
-    # Silence the mid block's cross-attention too: only the pooled path can carry the text now.
-    for name, module in unet.named_modules():
-        if name.endswith("attn2.to_out.0"):
-            torch.nn.init.zeros_(module.weight)
-            torch.nn.init.zeros_(module.bias)
+    _silence_cross_attention(unet)  # the mid block's too: only the pooled path can carry the text now
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 4, 8, 8, generator=g)
     t = torch.tensor([500])
@@ -83,10 +87,7 @@ def test_pooled_text_reaches_the_blocks_without_attention():
     assert not torch.allclose(a, b)
     plain = build_unet(dataclasses.replace(cfg, pooled_text=False), cross_attention_dim=16)
     assert plain.config.addition_embed_type is None
-    for name, module in plain.named_modules():
-        if name.endswith("attn2.to_out.0"):
-            torch.nn.init.zeros_(module.weight)
-            torch.nn.init.zeros_(module.bias)
+    _silence_cross_attention(plain)
     h1, h2 = torch.randn(1, 3, 16, generator=g), torch.randn(1, 3, 16, generator=g)
     assert torch.equal(plain(x, t, encoder_hidden_states=h1).sample, plain(x, t, encoder_hidden_states=h2).sample)
     with pytest.raises(ValueError, match="does not divide the text width"):
