@@ -7,7 +7,9 @@ With captions="variants" each training image stores a list of captions instead (
 `caption_variants`), one of which the loader picks per epoch; the name stays the first (what the
 recognisability benchmark's prompts use), and validation images keep the name alone.
 Every tenth base emoji (in the package's sort order), with all its skin-tone variants, is held out
-for validation, so no emoji leaks between the splits.
+for validation, so no emoji leaks between the splits; except the emoji the demo's sample grid asks
+for (`SHOWCASE`): when one of them is due, the next base emoji is held out in its place, so the grid
+shows what the model learned rather than asking for an image it never saw.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ SKIN_TONES = {
     "1F3FF": "dark skin tone",
 }
 VALIDATION_EVERY = 10
+# Base emoji (unified codes) the demo grid prompts for that the every-tenth rule would hold out:
+# flag: france, flag: japan, waving hand (with its skin tones). Kept in training.
+SHOWCASE = frozenset({"1F1EB-1F1F7", "1F1EF-1F1F5", "1F44B"})
+SPLIT_RULE = f"every {VALIDATION_EVERY}th base emoji held out, the next one for a showcase emoji " + ",".join(sorted(SHOWCASE))
+"""Recorded in the prepared folder's settings: a folder split another way is rebuilt, not reused."""
 CaptionStyle = Literal["name", "variants"]
 CAPTION_STYLES: tuple[str, ...] = ("name", "variants")
 FLAG_SUBCATEGORIES = ("country-flag", "subdivision-flag")
@@ -113,9 +120,12 @@ def caption_variants(entry: dict[str, Any], tone: str | None = None) -> list[str
     return list(dict.fromkeys(variants))  # the first of each, in order
 
 
-def emoji_records(entries: list[dict[str, Any]], images: dict[str, bytes],
-                  captions: CaptionStyle = "name") -> tuple[list[RawRecord], list[RawRecord]]:
+def emoji_records(entries: list[dict[str, Any]], images: dict[str, bytes], captions: CaptionStyle = "name",
+                  keep_in_train: frozenset[str] = SHOWCASE) -> tuple[list[RawRecord], list[RawRecord]]:
     """(train, validation) records: every Google image of every base emoji and skin-tone variant.
+
+    Every VALIDATION_EVERY-th base emoji goes to validation, unless its unified code is in
+    ``keep_in_train``: then the next base emoji not in it goes in its place (the split keeps its size).
 
     ``captions``: "name" gives each image its lower-cased name (with the skin tone) as its caption;
     "variants" gives each training image the list ``caption_variants`` builds (whose first entry is
@@ -128,8 +138,11 @@ def emoji_records(entries: list[dict[str, Any]], images: dict[str, bytes],
     train: list[RawRecord] = []
     val: list[RawRecord] = []
     base = sorted((e for e in entries if e.get("has_img_google")), key=lambda e: e["sort_order"])
+    owed = 0  # held-out places due but not yet filled (their emoji was kept in training)
     for n, entry in enumerate(base):
-        held_out = n % VALIDATION_EVERY == VALIDATION_EVERY - 1
+        owed += n % VALIDATION_EVERY == VALIDATION_EVERY - 1
+        held_out = owed > 0 and entry["unified"] not in keep_in_train
+        owed -= held_out
         split, style = (val, "name") if held_out else (train, captions)
         shared = {"category": entry["category"], "subcategory": entry["subcategory"],
                   "short_names": entry["short_names"], "base": entry["unified"], "sort_order": entry["sort_order"]}

@@ -144,7 +144,7 @@ def prepare_emoji(cfg: PrepareDataConfig) -> dict[str, Any]:
     settings = {**settings_of(PrepareDataConfig(data=data_cfg, max_side=cfg.max_side, image_format=cfg.image_format,
                                                 jpeg_quality=cfg.jpeg_quality, samples_per_shard=cfg.samples_per_shard,
                                                 shuffle_seed=cfg.shuffle_seed)),
-                "integrity": emoji_set.INTEGRITY,
+                "integrity": emoji_set.INTEGRITY, "split": emoji_set.SPLIT_RULE,
                 # Only when not the default, so folders prepared before the option existed stay complete.
                 **({"emoji_captions": cfg.emoji_captions} if cfg.emoji_captions != "name" else {})}
     if is_complete(out / "stats.json", settings):

@@ -122,6 +122,11 @@ def test_emoji_captions_and_a_leak_free_validation_split(tmp_path):
     assert sorted(r.caption for r in val) == [
         "test face 9", "test face 9: light skin tone, dark skin tone", "test face 9: medium skin tone"]
     assert val[0].metadata["category"] == "Smileys" and val[1].metadata["subcategory"] == "face"
+    # A showcase emoji due for validation stays in training; the next base emoji is held out instead.
+    train, val = emoji_set.emoji_records(*emoji_set.read_package(fake_emoji_package(tmp_path / "e.tgz")),
+                                         keep_in_train=frozenset({"1F609"}))
+    assert [r.caption for r in val] == ["test face 10"] and len(train) == 13
+    assert {"test face 9", "test face 9: medium skin tone"} <= {r.caption for r in train}
 
 
 def test_emoji_download_is_verified_against_the_published_integrity(tmp_path):
