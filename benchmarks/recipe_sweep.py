@@ -46,6 +46,13 @@ ATTN16_COST, C48_COST = 1.58, 0.69
 SMALL_OVER_COMPACT, POOLED_COST, C32_COST, B16_COST = 1.52, 1.01, 0.57, 0.56
 C24_COST, C32_POOLED_COST = 0.435, 0.60  # (24,48,48) with 8 groups; (32,64,64) with pooled text
 C32 = ("--unet.block-out-channels", "32", "64", "64")
+# Relative to `mini` at 2 threads, what the demo trains with (quiet AMX Xeon, 8 interleaved rounds of
+# unet_step_cost.py --threads 2; at 1 thread the small UNets gain less from the second core):
+# `small` 2.91 (mini 0.343x of it), pooled text 1.07, channels (16,32,32) 0.70, batch 64 1.61 per step.
+MINI_OVER_SMALL, MINI_POOLED_COST, C16_COST, MINI_B64_COST = 0.343, 1.07, 0.70, 1.61
+OLD_ARGS = ("--diffusion.schedule.prediction-type", "epsilon", "--diffusion.timestep-sampling", "uniform",
+            "--diffusion.min-snr-gamma", "5", "--run.ema-sigma-rel", "0", "--unet.block-out-channels", "64",
+            "128", "128", "--unet.norm-num-groups", "32")
 
 
 @dataclass(frozen=True)
@@ -95,10 +102,7 @@ VARIANTS: dict[str, Variant] = {
     # Relative to the `small` preset since the sweep above (flow, EMA 0.03, `compact` UNet): run these
     # with --steps set to what that preset trains in the demo's minutes.
     "now": Variant((), "the demo's recipe since the first sweep: flow, EMA 0.03, compact (48,96,96) UNet"),
-    "old": Variant(("--diffusion.schedule.prediction-type", "epsilon", "--diffusion.timestep-sampling", "uniform",
-                    "--diffusion.min-snr-gamma", "5", "--run.ema-sigma-rel", "0", "--unet.block-out-channels", "64",
-                    "128", "128", "--unet.norm-num-groups", "32"),
-                   "the recipe before the first sweep (the `today` row) at the same wall-clock as `now`",
+    "old": Variant(OLD_ARGS, "the recipe before the first sweep (the `today` row) at the same wall-clock as `now`",
                    steps_scale=1 / SMALL_OVER_COMPACT),
     "now_b16": Variant(("--run.batch-size", "16", "--lr", "1.5e-3"), "now at batch 16 (lr 1.5e-3), more steps",
                        steps_scale=1 / B16_COST),
@@ -114,6 +118,18 @@ VARIANTS: dict[str, Variant] = {
     "now_pooled_captions": Variant(("--unet.pooled-text",), "now_pooled with list captions (as today_captions)",
                                    data="runs/sweep/data_var/train"),
     "now_pooled_p2": Variant(("--unet.pooled-text", "--p-uncond", "0.2"), "now_pooled, caption dropout 0.2"),
+    # Relative to the `small` preset since the second sweep (flow, EMA 0.03, `mini` UNet): run these with
+    # --steps/--schedule-steps 3450, what the preset trains in the demo.
+    "m": Variant(("--posthoc-ema.snapshot-every", "345"),
+                 "the demo's recipe since the second sweep: flow, EMA 0.03, mini (24,48,48) UNet (1.2 M); stores "
+                 "post-hoc EMA snapshots (launch/posthoc_ema.py rebuilds other EMA lengths from them)"),
+    "m_old": Variant(OLD_ARGS, "the recipe before the first sweep (eps, min-SNR 5, EMA 0.999 warm-up, `small` "
+                     "7.2 M) at the same wall-clock as `m`", steps_scale=MINI_OVER_SMALL),
+    "m_b64": Variant(("--run.batch-size", "64"), "m at batch 64 (lr 2e-3), fewer steps", steps_scale=1 / MINI_B64_COST),
+    "m_c16": Variant(("--unet.block-out-channels", "16", "32", "32"), "m with channels (16,32,32) (0.6 M), more steps",
+                     steps_scale=1 / C16_COST),
+    "m_pooled": Variant(("--unet.pooled-text",), "m with pooled text (1.7 M)", steps_scale=1 / MINI_POOLED_COST),
+    "m_captions": Variant((), "m with list captions (as today_captions)", data="runs/sweep/data_var/train"),
     "flow_const": Variant(tuple(FLOW) + ("--run.lr-schedule", "constant"), "flow, constant LR after warmup"),
     "flow_anneal": Variant(tuple(FLOW) + ("--run.lr-schedule-steps", "0"), "flow, cosine annealed to 0 at the end"),
 }

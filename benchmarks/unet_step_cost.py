@@ -35,7 +35,15 @@ def shapes():
             "channels (24,48,48)": dataclasses.replace(UNET_PRESETS["compact"], block_out_channels=(24, 48, 48),
                                                        norm_num_groups=8),
             "(32,64,64) + pooled text": dataclasses.replace(UNET_PRESETS["compact"], block_out_channels=(32, 64, 64),
-                                                            pooled_text=True)}
+                                                            pooled_text=True),
+            "mini + pooled text": dataclasses.replace(UNET_PRESETS["mini"], pooled_text=True),
+            "channels (16,32,32)": dataclasses.replace(UNET_PRESETS["mini"], block_out_channels=(16, 32, 32)),
+            "mini, batch x2": (UNET_PRESETS["mini"], 2)}
+
+
+def shape_and_batch_factor(entry) -> tuple:
+    """A shapes() entry is a UNet config, or (config, batch multiple) for a batch-size variant."""
+    return entry if isinstance(entry, tuple) else (entry, 1)
 
 
 def main() -> None:
@@ -47,15 +55,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    nets = {k: build_unet(v, cross_attention_dim=384, latent_channels=4) for k, v in shapes().items()
-            if args.only is None or k == "small" or k in args.only}
+    chosen = {k: shape_and_batch_factor(v) for k, v in shapes().items()
+              if args.only is None or k == "small" or k in args.only}
+    nets = {k: build_unet(cfg, cross_attention_dim=384, latent_channels=4) for k, (cfg, _) in chosen.items()}
     opts = {k: torch.optim.AdamW(n.parameters(), lr=1e-4) for k, n in nets.items()}
-    x = torch.randn(args.batch, 4, 16, 16, generator=g)
-    context = torch.randn(args.batch, 24, 384, generator=g)
-    t = torch.randint(0, 1000, (args.batch,), generator=g)
+    inputs = {}
+    for k, (_, factor) in chosen.items():
+        b = args.batch * factor
+        inputs[k] = (torch.randn(b, 4, 16, 16, generator=g), torch.randint(0, 1000, (b,), generator=g),
+                     torch.randn(b, 24, 384, generator=g))
     times: dict[str, list[float]] = {k: [] for k in nets}
     for r in range(args.rounds):
         for k, net in nets.items():
+            x, t, context = inputs[k]
             start = time.perf_counter()
             net(x, t, encoder_hidden_states=context).sample.square().mean().backward()
             opts[k].step()
