@@ -171,17 +171,19 @@ class Models:
         self.vae_now = FrozenEncoder(self.vae, dtype=resolve_dtype("auto", "cpu"))
         self.null = self.text_before.null_embedding().hidden  # [1, 77, 384]
         self.unet = build_unet("small", cross_attention_dim=self.text_now.hidden_size).train()
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)  # before: the for-loop AdamW
+        self.optimizer_now = torch.optim.AdamW(self.unet.parameters(), lr=1e-4, fused=True)  # train_ldm on a CPU now
         self.ema = [p.detach().clone() for p in self.unet.parameters()]
         self.objective = DiffusionObjective(DIFFUSION_PRESETS["sd_min_snr"])
         self.denoiser = unet_denoiser(self.unet)
         self.generator = torch.Generator().manual_seed(0)
 
     def train_step(self, latents: torch.Tensor, hidden: torch.Tensor, phase: Phases,
-                   dropped: torch.Tensor | None = None) -> None:
+                   dropped: torch.Tensor | None = None, fused: bool = True) -> None:
         """Caption dropout + UNet forward/backward on latents [B, 4, 16, 16], hidden [B, 77, 384]; AdamW + EMA.
 
-        ``dropped`` [B]: the dropout mask already drawn (and applied) before encoding; None draws it here."""
+        ``dropped`` [B]: the dropout mask already drawn (and applied) before encoding; None draws it here.
+        ``fused``: step train_ldm's fused AdamW (False: the for-loop one it used before)."""
         with phase("UNet fwd+bwd"):
             cond = hidden.float() if dropped is not None else drop_captions(hidden.float(), self.null.float(), 0.1,
                                                                             self.generator)[0]
@@ -190,8 +192,9 @@ class Models:
             loss.backward()
         with phase("optimizer+EMA"):
             torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer = self.optimizer_now if fused else self.optimizer
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 torch._foreach_lerp_(self.ema, [p.detach() for p in self.unet.parameters()], 1 - 0.999)
 
@@ -227,7 +230,7 @@ def before_step(models: Models, loader: data.CaptionedLoader, phase: Phases) -> 
         latents = models.vae.encode(batch["pixel_values"]).latent_dist.sample(models.generator)  # [B, 4, 16, 16]
     with phase("text encode"):
         hidden = legacy_encode(models.text_before, list(batch["captions"]))  # [B, 77, 384]
-    models.train_step(latents, hidden, phase)
+    models.train_step(latents, hidden, phase, fused=False)
 
 
 def now_step(models: Models, loader: data.CaptionedLoader, phase: Phases) -> None:

@@ -9,6 +9,7 @@ The step is train_ldm's: the `small` UNet preset (7.17 M), latents [B, 4, 16, 16
                    and safetensors exports are unchanged; the convolutions follow the input's layout)
   foreach          AdamW(foreach=True): one multi-tensor kernel per update instead of one per parameter
   fused            AdamW(fused=True) (the CPU fused kernel, torch >= 2.4)
+  channels_last_fused  both of the above
   bf16_autocast    torch.autocast("cpu", bfloat16) around forward + loss (fp32 weights and optimizer)
   sdpa_math        attention through SDPA's math backend instead of the CPU flash kernel
   attn_classic     diffusers' AttnProcessor (bmm + softmax) instead of AttnProcessor2_0 (SDPA)
@@ -64,7 +65,7 @@ import torch
 from ldm.objective import DIFFUSION_PRESETS, DiffusionObjective
 from ldm.unet import build_unet, unet_denoiser
 
-VARIANTS = ("plain", "channels_last", "channels_last_input", "foreach", "fused", "bf16_autocast", "sdpa_math", "attn_classic", "compile")
+VARIANTS = ("plain", "channels_last", "channels_last_input", "foreach", "fused", "channels_last_fused", "bf16_autocast", "sdpa_math", "attn_classic", "compile")
 
 
 @dataclass
@@ -87,9 +88,10 @@ def make_variant(name: str, base: torch.nn.Module, lr: float = 1e-4) -> Variant:
     adam: dict = {}
     context: Callable[[], AbstractContextManager] = nullcontext
     memory_format = torch.contiguous_format
-    if name == "channels_last":
+    if name in ("channels_last", "channels_last_fused"):
         unet = unet.to(memory_format=torch.channels_last)
         memory_format = torch.channels_last
+        adam = {"fused": True} if name == "channels_last_fused" else {}
     elif name == "channels_last_input":
         memory_format = torch.channels_last
     elif name == "foreach":
