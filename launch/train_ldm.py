@@ -155,8 +155,8 @@ PRESETS: dict[str, TrainLDMConfig] = {
     # (more, cheaper steps) recognised 1.2x as often as eps + min-SNR on `small` (FD 12.9 vs 13.3).
     # Second sweep (quiet AMX CPU, equal wall-clock): the `mini` UNet (1.2 M) with 3,448 steps beat
     # `compact` with 1,500 (subcategory ratio 0.494 vs 0.401, FD 5.26 vs 6.59, 4 images per prompt).
-    # Third sweep: (16,32,32), batch 64, pooled text, list captions and post-hoc EMA lengths 0.06/0.10
-    # tie or lose. 3,450 steps took 7.6 minutes in one demo and hit the 9-minute cap at 3,425 in
+    # Third sweep: (16,32,32), batch 64, pooled text, list captions, post-hoc EMA lengths 0.06/0.10,
+    # logit-normal mean -0.5, uniform t and lr 3e-3 tie or lose. 3,450 steps took 7.6 minutes in one demo and hit the 9-minute cap at 3,425 in
     # another (the same CPU type, a slower host), so more steps would leave the cosine unfinished.
     "small": _preset("mini", lr=2e-3, diffusion=DIFFUSION_PRESETS["flow"], val_every=500, sample_every=1000,
                      run=RunConfig(output_dir=Path("runs/ldm"), max_steps=3450, batch_size=32, warmup_steps=50,
