@@ -131,6 +131,8 @@ VARIANTS: dict[str, Variant] = {
     "m_pooled": Variant(("--unet.pooled-text",), "m with pooled text (1.7 M)", steps_scale=1 / MINI_POOLED_COST),
     "m_captions": Variant((), "m with list captions (as today_captions)", data="runs/sweep/data_var/train"),
     "m_lm-0.5": Variant(("--diffusion.logit-mean", "-0.5"), "m with training t from logit-normal(-0.5, 1) (less noise)"),
+    "m_lm0.5": Variant(("--diffusion.logit-mean", "0.5"), "m with training t from logit-normal(0.5, 1) (more noise)"),
+    "m_ls1.5": Variant(("--diffusion.logit-std", "1.5"), "m with training t from logit-normal(0, 1.5) (wider)"),
     "m_uniform": Variant(("--diffusion.timestep-sampling", "uniform"), "m with uniform training t"),
     "m_lr3e-3": Variant(("--lr", "3e-3"), "m at lr 3e-3"),
     "flow_const": Variant(tuple(FLOW) + ("--run.lr-schedule", "constant"), "flow, constant LR after warmup"),
