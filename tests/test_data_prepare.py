@@ -117,14 +117,14 @@ def fake_emoji_package(path: Path) -> Path:
 
 
 def test_emoji_captions_and_a_leak_free_validation_split(tmp_path):
-    train, val = emoji_set.emoji_records(*emoji_set.read_package(fake_emoji_package(tmp_path / "e.tgz")))
+    package = emoji_set.read_package(fake_emoji_package(tmp_path / "e.tgz"))
+    train, val = emoji_set.emoji_records(*package)
     assert len(train) == 11 and len(val) == 3  # base emoji 9 (the 10th) and both its variants
     assert sorted(r.caption for r in val) == [
         "test face 9", "test face 9: light skin tone, dark skin tone", "test face 9: medium skin tone"]
     assert val[0].metadata["category"] == "Smileys" and val[1].metadata["subcategory"] == "face"
     # A showcase emoji due for validation stays in training; the next base emoji is held out instead.
-    train, val = emoji_set.emoji_records(*emoji_set.read_package(fake_emoji_package(tmp_path / "e.tgz")),
-                                         keep_in_train=frozenset({"1F609"}))
+    train, val = emoji_set.emoji_records(*package, keep_in_train=frozenset({"1F609"}))
     assert [r.caption for r in val] == ["test face 10"] and len(train) == 13
     assert {"test face 9", "test face 9: medium skin tone"} <= {r.caption for r in train}
 
