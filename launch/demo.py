@@ -11,6 +11,7 @@ GPU the same command trains several times longer for better images.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shlex
@@ -29,7 +30,10 @@ from text_encoder.precision import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 
-STAGE3_EXTRA_MINUTES = 1.6  # stage 3's untimed work (cache, validation, export) + generation + margin
+STAGE3_EXTRA_MINUTES = 1.1  # stage 3's untimed work besides the cache (start, last validation, export) + generation + margin
+# The training loop's mean step over the calibrated one: data, logging, validation every 500 steps and
+# the sample grids (an AVX2 EPYC: 1,370 steps in 8.05 minutes = 0.353 s against a calibrated 0.31 s).
+LOOP_OVERHEAD = 1.14
 
 DEMO_PROMPTS = [
     "grinning face",
@@ -61,7 +65,8 @@ class DemoConfig:
     """Training budget for stage 1; 0 picks 4.5 on a CPU, 30 on a GPU."""
     ldm_minutes: float = 0.0
     """Training budget for stage 3; 0 picks 60 on a GPU, and on a CPU what is left of --cpu-total-minutes
-    after stage 1 (at most 9 with native bf16, 8 without)."""
+    after stage 1 and the latent cache (at most 9 with native bf16, 8 without). On a CPU the step count is
+    fitted to these minutes from a measured step, so the LR schedule ends when they do."""
     cpu_total_minutes: float = 15.0
     """On a CPU, the wall-clock budget of all stages together (data, both trainings, generation)."""
     text_encoder: str = "minilm?max_length=24"
@@ -102,6 +107,41 @@ def labelled_samples(folder: Path, prompts: list[str], scale: int = 2) -> Image.
     return labelled_grid(big, prompts, ncol=math.ceil(math.sqrt(len(big))))
 
 
+def stage3_steps(plan: dict[str, float], minutes: float) -> int:
+    """The steps that fill ``minutes`` of stage 3 at the measured pace (an existing run's count, if any)."""
+    if plan["resumed_steps"]:
+        return int(plan["resumed_steps"])
+    return max(100, math.floor(minutes * 60 / (plan["step_seconds"] * LOOP_OVERHEAD)))
+
+
+def plan_stage3(cfg: DemoConfig, out: Path) -> dict[str, float]:
+    """Seconds per stage-3 step and minutes of the latent cache build on this CPU, measured (~10 s).
+
+    A run that already has a checkpoint keeps the step count it started with (its LR schedule), so a
+    rerun resumes or finds it finished instead of training on with another schedule."""
+    from autoencoder.folder import load_autoencoder
+    from launch.train_ldm import PRESETS
+    from launch.training.step_timing import cache_seconds_per_image, unet_step_seconds
+    from text_encoder import load_text_encoder
+
+    preset = PRESETS["small"]
+    resumed = 0
+    previous = out / "ldm" / "config.json"
+    if previous.is_file():
+        resumed = int(json.loads(previous.read_text(encoding="utf-8"))["run"]["max_steps"])
+    vae, contract = load_autoencoder(out / "vae" / "model")
+    te = load_text_encoder(cfg.text_encoder, default_dtype="auto")
+    resolution = preset.data.resolution
+    step = unet_step_seconds(preset.unet, text_width=te.hidden_size, text_tokens=te.max_length,
+                             latent_channels=contract.latent_channels,
+                             latent_size=resolution // contract.downsample_factor, batch_size=preset.run.batch_size,
+                             channels_last=preset.channels_last)
+    cached = out / "ldm" / "cache" / "cache_manifest.json"
+    per_image = 0.0 if cached.is_file() else cache_seconds_per_image(vae, te, resolution=resolution, flip=preset.data.flip)
+    n_train = json.loads((out / "data" / "stats.json").read_text(encoding="utf-8"))["train"]["samples_written"]
+    return {"step_seconds": step, "cache_minutes": n_train * per_image / 60, "resumed_steps": resumed}
+
+
 def main(args: list[str] | None = None) -> None:
     cfg = parse_config(DemoConfig, args=args)
     gpu = torch.cuda.is_available()
@@ -129,12 +169,24 @@ def main(args: list[str] | None = None) -> None:
     # machine does 1,000 in 3.3), so stage 3 gets what remains, less its cache build, final
     # validation, export and the generation after it (1.4 min measured; 0.2 min margin).
     spent = (timings["data"] + timings["vae"]) / 60
-    ldm_min = ldm_cap if gpu or cfg.ldm_minutes else max(1.0, min(ldm_cap, cfg.cpu_total_minutes - spent - STAGE3_EXTRA_MINUTES))
+    ldm_min, fitted = ldm_cap, []
+    if not gpu:
+        start = time.time()
+        plan = plan_stage3(cfg, out)
+        timings["plan"] = time.time() - start
+        if not cfg.ldm_minutes:
+            left = cfg.cpu_total_minutes - spent - timings["plan"] / 60 - plan["cache_minutes"] - STAGE3_EXTRA_MINUTES
+            ldm_min = max(1.0, min(ldm_cap, left))
+        steps = stage3_steps(plan, ldm_min)
+        fitted = ["--run.max-steps", str(steps)]
+        print(f"stage 3 plan: {plan['step_seconds']:.3f} s per step measured, latent cache ~{plan['cache_minutes']:.1f} min "
+              f"-> {steps} steps in {ldm_min:.1f} min" + (" (the existing run's count)" if plan["resumed_steps"] else ""),
+              flush=True)
     timings["ldm"] = _run(
         [py, "launch/train_ldm.py", "--preset", "small", "--data", str(data / "train"),
          "--val-data", str(data / "val"), "--vae", str(out / "vae" / "model"),
          "--text-encoder", cfg.text_encoder, "--cache-latents", "--cache-text", "--run.output-dir", str(out / "ldm"),
-         "--run.max-train-minutes", str(ldm_min)] + (["--run.max-steps", "40000", "--run.batch-size", "128", "--run.mixed-precision", "bf16"] if gpu else []),
+         "--run.max-train-minutes", str(ldm_min)] + fitted + (["--run.max-steps", "40000", "--run.batch-size", "128", "--run.mixed-precision", "bf16"] if gpu else []),
         "stage 3: train the text-conditioned UNet",
     )
     prompts = out / "prompts.txt"

@@ -1,0 +1,47 @@
+"""launch/training/step_timing.py and the demo's stage-3 plan built on it."""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderKL
+
+from launch.demo import LOOP_OVERHEAD, stage3_steps
+from launch.training.step_timing import cache_seconds_per_image, unet_step_seconds
+from ldm.unet import UNET_PRESETS
+
+
+def test_unet_step_seconds_times_a_real_training_step():
+    seconds = unet_step_seconds(UNET_PRESETS["tiny"], text_width=16, text_tokens=5, latent_channels=4, latent_size=8,
+                                batch_size=2, steps=2, warmup=1)
+    assert 0 < seconds < 30
+
+
+class CountingTextEncoder:
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, captions):
+        self.calls.append(len(captions))
+
+
+def test_cache_seconds_per_image_encodes_both_views_and_the_captions():
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    seen = []
+    original = vae.encode
+    vae.encode = lambda x: (seen.append(tuple(x.shape)), original(x))[1]
+    te = CountingTextEncoder()
+    per_image = cache_seconds_per_image(vae, te, resolution=16, flip=True, batch_size=3, rounds=1)
+    assert per_image > 0
+    assert seen == [(6, 3, 16, 16)] * 2  # warm-up + one round, each the images and their mirrors
+    assert te.calls == [3, 3]
+    seen.clear()
+    cache_seconds_per_image(vae, None, resolution=16, flip=False, batch_size=3, rounds=1)
+    assert seen == [(3, 3, 16, 16)] * 2
+
+
+def test_stage3_steps_fill_the_minutes_unless_a_run_already_chose():
+    plan = {"step_seconds": 0.3, "cache_minutes": 1.0, "resumed_steps": 0}
+    steps = stage3_steps(plan, 7.0)
+    assert steps == int(7.0 * 60 / (0.3 * LOOP_OVERHEAD))
+    assert stage3_steps({**plan, "step_seconds": 0.6}, 7.0) in (steps // 2, steps // 2 + 1)  # a CPU half as fast
+    assert stage3_steps({**plan, "step_seconds": 100.0}, 1.0) == 100  # never fewer than 100
+    assert stage3_steps({**plan, "resumed_steps": 3450}, 7.0) == 3450  # a rerun keeps its schedule
