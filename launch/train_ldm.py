@@ -76,6 +76,9 @@ class TrainLDMConfig:
     """Recompute activations in the backward pass: less memory, about a third more time."""
     compile: bool = False
     """torch.compile the UNet (GPU; slow to start)."""
+    channels_last: bool = False
+    """Keep the UNet's convolution weights (and so its activations) in channels-last (NHWC) memory; checkpoints
+    and exports are written contiguous as usual. On a CPU: 1.11x the `mini` step at 2 threads (AMX Xeon)."""
     val_every: int = 250
     """Held-out loss (with the EMA weights) every this many steps, and at the end."""
     val_samples: int = 256
@@ -159,6 +162,7 @@ PRESETS: dict[str, TrainLDMConfig] = {
     # logit-normal mean -0.5, uniform t and lr 3e-3 tie or lose. 3,450 steps took 7.6 minutes in one demo and hit the 9-minute cap at 3,425 in
     # another (the same CPU type, a slower host), so more steps would leave the cosine unfinished.
     "small": _preset("mini", lr=2e-3, diffusion=DIFFUSION_PRESETS["flow"], val_every=500, sample_every=1000,
+                     channels_last=True,
                      run=RunConfig(output_dir=Path("runs/ldm"), max_steps=3450, batch_size=32, warmup_steps=50,
                                    checkpoint_every=500, log_every=50, ema_sigma_rel=0.03)),
     "sd15": _preset("sd15", data=DataConfig(resolution=512), lr=1e-4, val_every=2000, sample_every=2000,
@@ -186,6 +190,8 @@ def train(cfg: TrainLDMConfig) -> Path:
 
     # The trained stage: SRC's UNet (--init-from) or a fresh one, cross-attention width from the text encoder.
     unet, init = unet_setup.trained_unet(cfg, acc, text_encoder, contract)
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)  # the same Parameters, re-laid out: before the optimizer sees them
     # What the checkpoint's meaning depends on besides the config; a rerun that changed any is refused.
     stages = {"autoencoder": contract.to_json_dict(), "text_encoder": text_encoder.fingerprint,
               "unet": unet_kwargs(cfg.unet, text_encoder.hidden_size, contract.latent_channels)}

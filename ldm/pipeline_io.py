@@ -14,6 +14,7 @@ Layout written (the one ``StableDiffusionPipeline.save_pretrained`` writes, so s
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import logging
@@ -99,6 +100,8 @@ def write_pipeline(
             f"save expects a bare UNet2DConditionModel, got {type(unet).__name__}; "
             "unwrap it first (accelerator.unwrap_model)"
         )
+    if not all(p.is_contiguous() for p in unet.parameters()):  # channels-last training: safetensors wants dense rows
+        unet = copy.deepcopy(unet).to(memory_format=torch.contiguous_format)
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         _copy_vae(Path(vae_dir), tmp / "vae")

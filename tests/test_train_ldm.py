@@ -67,6 +67,20 @@ def test_resume_equals_straight_run_and_stages_stay_frozen(stages, tmp_path):
         assert (tmp_path / "straight" / name).is_file(), name
 
 
+def test_channels_last_run_resumes_bitwise_and_exports_dense_weights(stages, tmp_path):
+    """Checkpoints store dense tensors; the fused AdamW reads memory in order, so moments restored
+    contiguous beside channels-last weights would silently step wrong values after a resume."""
+    from launch.train_ldm import main
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    main(tiny_args(stages, tmp_path / "straight", "--channels-last"))
+    main(tiny_args(stages, tmp_path / "split", "--channels-last", "--run.max-steps", "4"))
+    main(tiny_args(stages, tmp_path / "split", "--channels-last"))
+    assert sha256(tmp_path / "straight" / "pipeline" / UNET_WEIGHTS) == sha256(tmp_path / "split" / "pipeline" / UNET_WEIGHTS)
+    unet = LatentDiffusionPipeline.from_pretrained(tmp_path / "straight" / "pipeline").unet
+    assert all(p.is_contiguous() for p in unet.parameters())
+
+
 @pytest.mark.slow
 def test_two_processes_cached_sigkill_then_resume_is_bitwise_equal(stages, tmp_path):
     args = lambda out, *x: two_process_command("launch/train_ldm.py", *tiny_args(

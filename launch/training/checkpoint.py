@@ -49,6 +49,7 @@ from foundation import fsync_dir, fsync_file, sha256_file
 from launch.training.state_files import (
     generator_state,
     global_rng_state,
+    match_parameter_layouts,
     optimizer_from_files,
     optimizer_to_files,
     restore_generator,
@@ -359,6 +360,7 @@ class CheckpointManager:
             module.load_state_dict(load_file(str(path / f"module-{name}.safetensors")))
         for name, opt in state.optimizers.items():
             opt.load_state_dict(optimizer_from_files(load_file(str(path / f"optim-{name}.safetensors")), metas[name]))
+            match_parameter_layouts(opt)
         for name, obj in state.shared.items():
             obj.load_state_dict(shared["shared"][name])
         self._load_rank_file(path, state)

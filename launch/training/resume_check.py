@@ -40,7 +40,7 @@ LIVE_FIELDS = frozenset({
     "run.num_workers", "run.report_to", "run.eval_batch_size", "run.process_group_timeout_s",
     "run.crash_after_step", "run.max_skipped_steps", "run.skip_window", "run.output_dir",
     "val_every", "sample_every", "val_data", "val_samples", "sample_prompts", "sample_guidance", "sample_steps",
-    "sampler", "stats_samples", "cache_dir", "data.cache_dir", "compile", "gradient_checkpointing",
+    "sampler", "stats_samples", "cache_dir", "data.cache_dir", "compile", "gradient_checkpointing", "channels_last",
     # Stage paths and spec strings: the stage fingerprints below decide whether the stage is the same.
     "vae", "text_encoder", "stages.text_encoder.source", "stages.text_encoder.revision",
     "lora_merge", "allow_new_autoencoder", "posthoc_ema.snapshot_every", "eval_every", "eval_classifier",

@@ -22,6 +22,17 @@ def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+def match_parameter_layouts(opt: torch.optim.Optimizer) -> None:
+    """Lay each loaded optimizer state tensor out like its parameter. Checkpoints store dense tensors,
+    so a channels-last UNet's Adam moments come back contiguous; kept that way, the next step would run
+    with moments and weights in different layouts (slower, and not what the uninterrupted run did)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
