@@ -54,6 +54,11 @@ OLD_ARGS = ("--diffusion.schedule.prediction-type", "epsilon", "--diffusion.time
             "--diffusion.min-snr-gamma", "5", "--run.ema-sigma-rel", "0", "--unet.block-out-channels", "64",
             "128", "128", "--unet.norm-num-groups", "32")
 
+# Training images per category of the emoji split (`python benchmarks/split_by_field.py --field category`).
+BY_CATEGORY = "runs/sweep/by_category"
+CATEGORIES = {"activities": 76, "animals-nature": 144, "component": 4, "flags": 243, "food-drink": 117,
+              "objects": 238, "people-body": 2042, "smileys-emotion": 153, "symbols": 201, "travel-places": 197}
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -65,6 +70,8 @@ class Variant:
     """Steps relative to --steps (seconds per step of `today` / of this variant, measured)."""
     data: str = ""
     """Other training data than --data (with its own latent cache); the benchmark still uses --data."""
+    sources: tuple[str, ...] = ()
+    """A mix (`--data.sources`) instead of --data, with its own latent cache (e.g. from split_by_field.py)."""
 
 
 VARIANTS: dict[str, Variant] = {
@@ -135,6 +142,12 @@ VARIANTS: dict[str, Variant] = {
     "m_ls1.5": Variant(("--diffusion.logit-std", "1.5"), "m with training t from logit-normal(0, 1.5) (wider)"),
     "m_uniform": Variant(("--diffusion.timestep-sampling", "uniform"), "m with uniform training t"),
     "m_lr3e-3": Variant(("--lr", "3e-3"), "m at lr 3e-3"),
+    "m_cat": Variant((), "m with every emoji category an equal share of the batches (component 0.5%): one "
+                     "shard folder per category (split_by_field.py), mixed by --data.sources weights",
+                     sources=tuple(f"{BY_CATEGORY}/{c}#weight={1 if c != 'component' else 0.05}" for c in CATEGORIES)),
+    "m_cat_sqrt": Variant((), "m with each category's share of the batches proportional to the square root of its "
+                          "size (people & body 30% instead of 60%)",
+                          sources=tuple(f"{BY_CATEGORY}/{c}#weight={n ** 0.5:.4g}" for c, n in CATEGORIES.items())),
     "flow_const": Variant(tuple(FLOW) + ("--run.lr-schedule", "constant"), "flow, constant LR after warmup"),
     "flow_anneal": Variant(tuple(FLOW) + ("--run.lr-schedule-steps", "0"), "flow, cosine annealed to 0 at the end"),
 }
@@ -174,10 +187,11 @@ class SweepConfig:
 
 def train_command(cfg: SweepConfig, name: str) -> list[str]:
     v = VARIANTS[name]
-    cache = cfg.out / ("cache" if not v.data else f"cache_{name}")
+    cache = cfg.out / ("cache" if not (v.data or v.sources) else f"cache_{name}")
+    data = ["--data.sources", *v.sources] if v.sources else ["--data", v.data or cfg.data]
     steps = max(1, round(cfg.steps * v.steps_scale))
     schedule = max(1, round(cfg.schedule_steps * v.steps_scale))
-    return [sys.executable, "launch/train_ldm.py", "--preset", "small", "--data", v.data or cfg.data, "--val-data", cfg.val_data,
+    return [sys.executable, "launch/train_ldm.py", "--preset", "small", *data, "--val-data", cfg.val_data,
             "--vae", str(cfg.vae), "--text-encoder", cfg.text_encoder, "--cache-latents", "--cache-text",
             "--cache-dir", str(cache), "--run.output-dir", str(cfg.out / name),
             "--run.max-steps", str(steps), "--run.lr-schedule-steps", str(schedule), "--run.num-workers", "0",
