@@ -46,7 +46,11 @@ median CPU ms per step of this process (wall-clock only where the machine was qu
 
 So on this CPU nothing pays within a short run: bf16 is 1.6x slower without AMX, the optimizer is ~5% of a step
 whatever kernel it uses, attention is 7%, and channels-last moves within the noise (and would need
-contiguous copies for every safetensors checkpoint and export), so train_ldm keeps the plain step.
+contiguous copies for every safetensors checkpoint and export), so train_ldm kept the plain step.
+Later, on a quiet AMX Xeon, `--preset mini --threads 2` (the demo's UNet and threads): fused AdamW
+1.06x, channels-last + fused 1.11x; so train_ldm now steps the fused kernel, and the `small` preset
+trains channels-last (`--channels-last`). On a quiet AVX2 EPYC (`--preset mini --threads 2 --steps
+20 --warmup 3`): fused 375 ms, channels_last_fused 370 ms (1.01x), plain 401 ms (0.93x).
 """
 
 from __future__ import annotations
