@@ -32,9 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 STAGE3_EXTRA_MINUTES = 1.4  # stage 3 besides training and the cache (start, last validation, export: 0.5 measured), generation (0.4), 0.5 margin
 # The training loop's mean step (data, logging, validation every 500 steps and the sample grids
-# included) over the calibrated one, in two fresh-clone demos on a quiet AVX2 EPYC: 0.301 s against a
-# calibrated 0.334 (0.90), then 0.317 against 0.295 (1.07); the calibration is that noisy. Erring
-# long costs little: the time cap then stops the run with its cosine nearly annealed.
+# included) over the calibrated one, in three fresh-clone demos on a quiet AVX2 EPYC: 0.301 s against
+# a calibrated 0.334 (0.90), 0.317 against 0.295 (1.07), 0.308 against 0.270 (1.14, 12 calibration
+# steps); the calibration is that noisy. Erring long costs little: the time cap then stops the run in
+# the cosine's tail (the third demo: at 1,457 of 1,633 steps, LR 3% of its peak).
 LOOP_OVERHEAD = 1.0
 CALIBRATION_STEPS = 12
 
