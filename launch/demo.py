@@ -70,7 +70,7 @@ class DemoConfig:
     ldm_minutes: float = 0.0
     """Training budget for stage 3; 0 picks 60 on a GPU, and on a CPU what is left of --cpu-total-minutes
     after stage 1 and the latent cache (at most 9 with native bf16, 8 without). On a CPU the step count is
-    fitted to these minutes from a measured step, so the LR schedule ends when they do."""
+    fitted to these minutes from a measured step, so the LR schedule ends about when they do."""
     cpu_total_minutes: float = 15.0
     """On a CPU, the wall-clock budget of all stages together (data, both trainings, generation)."""
     text_encoder: str = "minilm?max_length=24"
@@ -171,8 +171,8 @@ def main(args: list[str] | None = None) -> None:
         "stage 1: train the autoencoder",
     )
     # A slower CPU spends all of stage 1's budget (this one: ~450 steps in 4.5 min, where an AMX
-    # machine does 1,000 in 3.3), so stage 3 gets what remains, less its cache build, final
-    # validation, export and the generation after it (1.4 min measured; 0.2 min margin).
+    # machine does 1,000 in 3.3), so stage 3 gets what remains, less the measured plan and cache
+    # estimate and STAGE3_EXTRA_MINUTES (its final validation and export, the generation, a margin).
     spent = (timings["data"] + timings["vae"]) / 60
     ldm_min, fitted = ldm_cap, []
     if not gpu:

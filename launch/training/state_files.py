@@ -24,8 +24,8 @@ def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 def match_parameter_layouts(opt: torch.optim.Optimizer) -> None:
     """Lay each loaded optimizer state tensor out like its parameter. Checkpoints store dense tensors,
-    so a channels-last UNet's Adam moments come back contiguous; kept that way, the next step would run
-    with moments and weights in different layouts (slower, and not what the uninterrupted run did)."""
+    so a channels-last UNet's Adam moments come back contiguous; kept that way, the fused AdamW (which
+    walks every tensor in memory order) would pair each weight with another element's moments."""
     for group in opt.param_groups:
         for p in group["params"]:
             for k, v in opt.state.get(p, {}).items():
