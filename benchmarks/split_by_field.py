@@ -24,8 +24,11 @@ from ldm.cli import parse_config
 @dataclass(frozen=True)
 class SplitConfig:
     data: str = "runs/demo/data/train"
+    """The --data spec to split (prepared shards, a folder, ...)."""
     field: str = "category"
+    """The metadata field whose values name the output folders."""
     out: str = "runs/sweep/by_category"
+    """Parent of the per-value shard folders."""
     power: float = 0.0
     """Printed weights are size**power (0: equal shares per group, 1: the unmixed proportions)."""
 
@@ -42,8 +45,8 @@ def main(args: list[str] | None = None) -> dict[str, int]:
         groups.setdefault(slug(record.metadata.get(cfg.field)), []).append(record)
     sizes = {}
     for name, records in sorted(groups.items()):
-        stats = write_shards(records, data_cfg, ExportConfig("png", 95, 512, 1000), Path(cfg.out) / name)
-        write_stats(Path(cfg.out) / name / "stats.json", {**stats.to_dict(), "complete": True})
+        stats = write_shards(records, data_cfg, ExportConfig(), Path(cfg.out) / name)
+        write_stats(Path(cfg.out) / name / "stats.json", stats.to_dict())
         sizes[name] = len(records)
     print(sizes)
     print(" ".join(f"{cfg.out}/{n}#weight={s ** cfg.power:.4g}" for n, s in sizes.items()))

@@ -124,7 +124,7 @@ def plan_stage3(cfg: DemoConfig, out: Path) -> dict[str, float]:
 
     A run that already has a checkpoint keeps the step count it started with (its LR schedule), so a
     rerun resumes or finds it finished instead of training on with another schedule."""
-    from autoencoder.folder import load_autoencoder
+    from autoencoder.folder import load_autoencoder, read_latent_contract
     from launch.train_ldm import PRESETS
     from launch.training.step_timing import cache_seconds_per_image, unet_step_seconds
     from text_encoder import load_text_encoder
@@ -134,7 +134,7 @@ def plan_stage3(cfg: DemoConfig, out: Path) -> dict[str, float]:
     previous = out / "ldm" / "config.json"
     if previous.is_file():
         resumed = int(json.loads(previous.read_text(encoding="utf-8"))["run"]["max_steps"])
-    vae, contract = load_autoencoder(out / "vae" / "model")
+    contract = read_latent_contract(out / "vae" / "model")
     te = load_text_encoder(cfg.text_encoder, default_dtype="auto")
     resolution = preset.data.resolution
     step = unet_step_seconds(preset.unet, text_width=te.hidden_size, text_tokens=te.max_length,
@@ -142,7 +142,8 @@ def plan_stage3(cfg: DemoConfig, out: Path) -> dict[str, float]:
                              latent_size=resolution // contract.downsample_factor, batch_size=preset.run.batch_size,
                              channels_last=preset.channels_last, steps=CALIBRATION_STEPS, warmup=3)
     cached = out / "ldm" / "cache" / "cache_manifest.json"
-    per_image = 0.0 if cached.is_file() else cache_seconds_per_image(vae, te, resolution=resolution, flip=preset.data.flip)
+    per_image = 0.0 if cached.is_file() else cache_seconds_per_image(
+        load_autoencoder(out / "vae" / "model")[0], te, resolution=resolution, flip=preset.data.flip)
     n_train = json.loads((out / "data" / "stats.json").read_text(encoding="utf-8"))["train"]["samples_written"]
     return {"step_seconds": step, "cache_minutes": n_train * per_image / 60, "resumed_steps": resumed}
 
