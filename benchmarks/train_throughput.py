@@ -83,6 +83,26 @@ frozen encoders there), `--steps 6 --warmup 2 --threads 1`, median CPU ms per st
   `--mixed-precision bf16` (the UNet autocast in every mode, diffusers' frozen encoders cast to bf16
   as its --mixed_precision does) see the README's throughput section.
 
+Since then now/cached train the UNet as train_ldm's `small` preset does (fused AdamW, channels-last
+weights; `--no-channels-last` keeps them contiguous, `--compile` compiles it). Quiet 2-core Xeon with
+AMX (2026-12-03, nothing else running), `--steps 6 --warmup 2`, median wall ms per step (CPU time
+the same to 1 ms at 1 thread):
+    phase              diffusers      before         now      cached     (--threads 1)
+    data/collate              19          10          13           2
+    VAE encode               159         169          58           -
+    text encode              457         468         120           -
+    UNet fwd+bwd             673         691         667         669
+    optimizer+EMA             54          47          29          29
+    step                    1367        1385         885         700
+    vs diffusers' example: before 0.99x, now 1.54x, cached 1.95x
+  the same with --no-channels-last (the next run): UNet 694 / 699 ms, now 1.46x, cached 1.85x;
+  --threads 2: diffusers 808, before 797, now 523, cached 405 ms: now 1.54x, cached 2.00x.
+  channels-last takes ~4% off the fp32 `small` UNet step at 1 thread and the fused AdamW half the
+  optimizer phase; the UNet phase is still 75% of `now` and 96% of `cached`, the same work as the
+  example's, so cached stays below 2.5x at equal UNet precision. torch.compile of the channels-last
+  fused `mini` step (`benchmarks.unet_cpu_options --preset mini --threads 2`): 130 vs 144 ms (1.11x)
+  after 86 s of compiling, i.e. it pays back after ~6,000 steps, more than the demo trains.
+
 What moved: the autoencoder's encoder in channels-last (VAE encode -27%), and with repeated captions
 the deduplication (text encode 6.4x less). One tokenisation saves ~1.6 ms of ~680 (a 32-caption
 batch: 3.6 vs 5.2 ms) and inference mode nothing measurable; the text encoder's fp32 forward (matmuls
@@ -95,6 +115,7 @@ the example's on the same UNet (objective/caption dropout; not profiled further 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -159,10 +180,25 @@ def legacy_encode(te: FrozenTextEncoder, captions: list[str]) -> torch.Tensor:
         return te.model(tokens["input_ids"], attention_mask=mask if te.uses_attention_mask else None)[0]
 
 
-class Models:
-    """The frozen stages (as before and as now), the trained UNet with AdamW and EMA, the step's generator."""
+class Trained:
+    """One trained UNet with its AdamW and EMA."""
 
-    def __init__(self, text_spec: str, mixed_precision: str = "no") -> None:
+    def __init__(self, unet: torch.nn.Module, fused: bool) -> None:
+        self.unet = unet
+        self.optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=fused)
+        self.ema = [p.detach().clone() for p in unet.parameters()]
+        self.denoiser = unet_denoiser(unet)
+
+
+class Models:
+    """The frozen stages (as before and as now), the trained UNets, the step's generator.
+
+    ``before`` (and the diffusers step) train the contiguous fp32 UNet with the for-loop AdamW, as
+    train_ldm did before issue 18; ``now`` trains an identical copy as train_ldm's `small` preset does:
+    fused AdamW, channels-last weights unless ``channels_last`` is False, torch.compile if asked."""
+
+    def __init__(self, text_spec: str, mixed_precision: str = "no", channels_last: bool = True,
+                 compile: bool = False) -> None:
         torch.manual_seed(0)  # weights only; every draw in the steps uses self.generator
         self.autocast = mixed_precision == "bf16"  # train_ldm --run.mixed-precision bf16: autocast the UNet
         self.vae = build_autoencoder(AUTOENCODER_PRESETS["small"]).eval().requires_grad_(False)
@@ -171,32 +207,33 @@ class Models:
         self.vae_now = FrozenEncoder(self.vae, dtype=resolve_dtype("auto", "cpu"))
         self.null = self.text_before.null_embedding().hidden  # [1, 77, 384]
         self.unet = build_unet("small", cross_attention_dim=self.text_now.hidden_size).train()
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)  # before: the for-loop AdamW
-        self.optimizer_now = torch.optim.AdamW(self.unet.parameters(), lr=1e-4, fused=True)  # train_ldm on a CPU now
-        self.ema = [p.detach().clone() for p in self.unet.parameters()]
+        self.before = Trained(self.unet, fused=False)
+        unet_now = copy.deepcopy(self.unet)
+        if channels_last:  # train_ldm --channels-last: the same Parameters re-laid out, before the optimizer
+            unet_now.to(memory_format=torch.channels_last)
+        self.now = Trained(torch.compile(unet_now) if compile else unet_now, fused=True)
         self.objective = DiffusionObjective(DIFFUSION_PRESETS["sd_min_snr"])
-        self.denoiser = unet_denoiser(self.unet)
         self.generator = torch.Generator().manual_seed(0)
 
     def train_step(self, latents: torch.Tensor, hidden: torch.Tensor, phase: Phases,
-                   dropped: torch.Tensor | None = None, fused: bool = True) -> None:
+                   dropped: torch.Tensor | None = None, now: bool = True) -> None:
         """Caption dropout + UNet forward/backward on latents [B, 4, 16, 16], hidden [B, 77, 384]; AdamW + EMA.
 
         ``dropped`` [B]: the dropout mask already drawn (and applied) before encoding; None draws it here.
-        ``fused``: step train_ldm's fused AdamW (False: the for-loop one it used before)."""
+        ``now``: train_ldm's UNet as it trains now (False: as before issue 18)."""
+        trained = self.now if now else self.before
         with phase("UNet fwd+bwd"):
             cond = hidden.float() if dropped is not None else drop_captions(hidden.float(), self.null.float(), 0.1,
                                                                             self.generator)[0]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-                loss, _ = self.objective.loss(self.denoiser, latents, cond, self.generator)
+                loss, _ = self.objective.loss(trained.denoiser, latents, cond, self.generator)
             loss.backward()
         with phase("optimizer+EMA"):
-            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
-            optimizer = self.optimizer_now if fused else self.optimizer
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(trained.unet.parameters(), 1.0)
+            trained.optimizer.step()
+            trained.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                torch._foreach_lerp_(self.ema, [p.detach() for p in self.unet.parameters()], 1 - 0.999)
+                torch._foreach_lerp_(trained.ema, [p.detach() for p in trained.unet.parameters()], 1 - 0.999)
 
 
 class Phases:
@@ -230,7 +267,7 @@ def before_step(models: Models, loader: data.CaptionedLoader, phase: Phases) -> 
         latents = models.vae.encode(batch["pixel_values"]).latent_dist.sample(models.generator)  # [B, 4, 16, 16]
     with phase("text encode"):
         hidden = legacy_encode(models.text_before, list(batch["captions"]))  # [B, 77, 384]
-    models.train_step(latents, hidden, phase, fused=False)
+    models.train_step(latents, hidden, phase, now=False)
 
 
 def now_step(models: Models, loader: data.CaptionedLoader, phase: Phases) -> None:
@@ -283,6 +320,11 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
                         help="bf16: every mode autocasts the UNet (train_ldm --run.mixed-precision bf16), and the "
                              "diffusers step casts its frozen encoders to bf16 as the example's --mixed_precision does")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="now/cached train a channels-last UNet, as train_ldm's `small` preset does "
+                             "(--no-channels-last: contiguous, as before and diffusers)")
+    parser.add_argument("--compile", action="store_true",
+                        help="now/cached torch.compile the UNet (train_ldm --compile; compiles during warm-up)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -290,7 +332,7 @@ def main() -> None:
         folder, cache_dir = Path(tmp) / "images", Path(tmp) / "cache"
         folder.mkdir()
         make_images(folder, args.images, args.distinct_captions)
-        models = Models(clip_text_encoder(Path(tmp) / "clip"), args.mixed_precision)
+        models = Models(clip_text_encoder(Path(tmp) / "clip"), args.mixed_precision, args.channels_last, args.compile)
         cfg = data.DataConfig(source=str(folder), resolution=RESOLUTION, crop="center", flip=True)
         # The cache as train_ldm builds it: the frozen encoders in dtype=auto (bf16 with AMX), batches of 64.
         vae_fp = models.vae_now.fingerprint({"weights_sha256": "benchmark-random-small"})
@@ -329,7 +371,9 @@ def report(phases: dict[str, Phases], build_seconds: float, models: Models, args
           f"{args.batch_size}, {args.steps} steps per mode after {args.warmup} warm-up, {args.images} images at "
           f"{RESOLUTION} px, captions {'all distinct' if not args.distinct_captions else f'repeating every {args.distinct_captions}'}")
     print(f"frozen encoders now: text {models.text_now.dtype}, autoencoder {models.vae_now.dtype}; UNet "
-          f"{'bf16 autocast (diffusers: encoders cast to bf16 too)' if args.mixed_precision == 'bf16' else 'fp32'}")
+          f"{'bf16 autocast (diffusers: encoders cast to bf16 too)' if args.mixed_precision == 'bf16' else 'fp32'}; "
+          f"now/cached UNet {'channels-last' if args.channels_last else 'contiguous'}, fused AdamW"
+          f"{', compiled' if args.compile else ''}")
     for which, label in ((0, "wall-clock"), (1, "CPU time of this process")):
         print(f"\nmedian ms per step, {label}:")
         print(f"  {'phase':<16}" + "".join(f"{m:>12}" for m in MODES))
