@@ -38,7 +38,10 @@ def shapes():
                                                             pooled_text=True),
             "mini + pooled text": dataclasses.replace(UNET_PRESETS["mini"], pooled_text=True),
             "channels (16,32,32)": dataclasses.replace(UNET_PRESETS["mini"], block_out_channels=(16, 32, 32)),
-            "mini, batch x2": (UNET_PRESETS["mini"], 2)}
+            "mini, batch x2": (UNET_PRESETS["mini"], 2),
+            "mini": UNET_PRESETS["mini"],
+            "mini + scale-shift": dataclasses.replace(UNET_PRESETS["mini"], scale_shift=True),
+            "mini, 2 heads": dataclasses.replace(UNET_PRESETS["mini"], num_heads=2)}
 
 
 def shape_and_batch_factor(entry) -> tuple:

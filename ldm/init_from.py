@@ -158,7 +158,7 @@ def unet_config_from(config: dict[str, Any]) -> UNetConfig | None:
             transformer_layers_per_block=config.get("transformer_layers_per_block", 1),
             use_linear_projection=config.get("use_linear_projection", False),
             norm_num_groups=config.get("norm_num_groups", 32), sample_size=config.get("sample_size", 64),
-            pooled_text=pooled,
+            pooled_text=pooled, scale_shift=config.get("resnet_time_scale_shift") == "scale_shift",
             **({"pooled_text_heads": config.get("addition_embed_type_num_heads", 64)} if pooled else {}),
         )
     except (ValueError, TypeError, KeyError):

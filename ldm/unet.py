@@ -45,6 +45,8 @@ class UNetConfig:
     """Also add an attention-pooled summary of the text to the timestep embedding, so every ResNet block (not only the attention levels) sees the prompt: diffusers' ``addition_embed_type="text"`` (as in DeepFloyd IF), computed inside the UNet from the same hidden states, so stock ``StableDiffusionPipeline`` runs it unchanged."""
     pooled_text_heads: int = 8
     """Heads of that attention pooling (diffusers' ``addition_embed_type_num_heads``); must divide the text width."""
+    scale_shift: bool = False
+    """The timestep (and pooled text) embedding scales and shifts each ResNet block's normalised features (AdaGN, Dhariwal & Nichol 2021: diffusers' ``resnet_time_scale_shift="scale_shift"``) instead of being added to them."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
@@ -182,6 +184,7 @@ def unet_kwargs(cfg: UNetConfig, cross_attention_dim: int, latent_channels: int 
         norm_num_groups=cfg.norm_num_groups,
         cross_attention_dim=cross_attention_dim,
         **pooled,
+        **({"resnet_time_scale_shift": "scale_shift"} if cfg.scale_shift else {}),
     )
 
 

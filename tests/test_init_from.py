@@ -124,6 +124,8 @@ def test_unet_config_from_reads_back_what_we_build_and_refuses_what_we_cannot_ex
         assert unet_config_from(config) == UNET_PRESETS[name], name
     pooled = dataclasses.replace(UNET_PRESETS["compact"], pooled_text=True)
     assert unet_config_from(json.loads(json.dumps(unet_kwargs(pooled, 384, 4)))) == pooled
+    adagn = dataclasses.replace(UNET_PRESETS["mini"], scale_shift=True)
+    assert unet_config_from(json.loads(json.dumps(unet_kwargs(adagn, 384, 4)))) == adagn
     sd2 = json.loads(json.dumps(unet_kwargs(UNET_PRESETS["sd15"], 1024, 4)))
     sd2["attention_head_dim"] = [5, 10, 20, 20]  # SD 2.x: heads per level
     assert unet_config_from(sd2) is None

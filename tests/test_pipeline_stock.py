@@ -23,6 +23,8 @@ CASES = {
     # The UNet's own attention-pooled text summary (UNetConfig.pooled_text) needs nothing from the pipeline.
     "bert-flow-pooled-text": ("bert", NoiseScheduleConfig(prediction_type="flow_prediction"),
                               dict(pooled_text=True, pooled_text_heads=2)),
+    # AdaGN (UNetConfig.scale_shift) is a stock UNet2DConditionModel option as well.
+    "clip-flow-scale-shift": ("clip", NoiseScheduleConfig(prediction_type="flow_prediction"), dict(scale_shift=True)),
 }
 
 
