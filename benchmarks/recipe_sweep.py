@@ -50,6 +50,9 @@ C32 = ("--unet.block-out-channels", "32", "64", "64")
 # unet_step_cost.py --threads 2; at 1 thread the small UNets gain less from the second core):
 # `small` 2.91 (mini 0.343x of it), pooled text 1.07, channels (16,32,32) 0.70, batch 64 1.61 per step.
 MINI_OVER_SMALL, MINI_POOLED_COST, C16_COST, MINI_B64_COST = 0.343, 1.07, 0.70, 1.61
+# Fifth sweep (quiet AMX Xeon, unet_step_cost.py --threads 2 --rounds 10): AdaGN 1.01 (mini 0.137 s,
+# scale-shift 0.138 s), 2 heads 0.93 (0.128 s) per step.
+MINI_SS_COST, MINI_HEADS2_COST = 1.0, 0.93
 OLD_ARGS = ("--diffusion.schedule.prediction-type", "epsilon", "--diffusion.timestep-sampling", "uniform",
             "--diffusion.min-snr-gamma", "5", "--run.ema-sigma-rel", "0", "--unet.block-out-channels", "64",
             "128", "128", "--unet.norm-num-groups", "32")
@@ -148,6 +151,12 @@ VARIANTS: dict[str, Variant] = {
     "m_cat_sqrt": Variant((), "m with each category's share of the batches proportional to the square root of its "
                           "size (people & body 30% instead of 60%)",
                           sources=tuple(f"{BY_CATEGORY}/{c}#weight={n ** 0.5:.4g}" for c, n in CATEGORIES.items())),
+    # Fifth sweep (quiet AMX Xeon, the demo's fitted step count): run with --steps/--schedule-steps N.
+    "m_ss": Variant(("--unet.scale-shift",), "m with AdaGN: the timestep embedding scales and shifts the ResNet "
+                    "blocks' normalised features (resnet_time_scale_shift)", steps_scale=1 / MINI_SS_COST),
+    "m_heads2": Variant(("--unet.num-heads", "2"), "m with 2 attention heads of 24 channels instead of 4 of 12",
+                        steps_scale=1 / MINI_HEADS2_COST),
+    "m_p05": Variant(("--p-uncond", "0.05"), "m with 5% caption dropout instead of 10%"),
     "flow_const": Variant(tuple(FLOW) + ("--run.lr-schedule", "constant"), "flow, constant LR after warmup"),
     "flow_anneal": Variant(tuple(FLOW) + ("--run.lr-schedule-steps", "0"), "flow, cosine annealed to 0 at the end"),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diffusers import AutoencoderKL
 
-from launch.demo import LOOP_OVERHEAD, stage3_steps
+from launch.demo import LOOP_OVERHEAD, STAGE3_EXTRA_MINUTES, DemoConfig, stage3_minutes, stage3_steps
 from launch.training.step_timing import cache_seconds_per_image, unet_step_seconds
 from ldm.unet import UNET_PRESETS
 
@@ -45,3 +45,17 @@ def test_stage3_steps_fill_the_minutes_unless_a_run_already_chose():
     assert stage3_steps({**plan, "step_seconds": 0.6}, 7.0) in (steps // 2, steps // 2 + 1)  # a CPU half as fast
     assert stage3_steps({**plan, "step_seconds": 100.0}, 1.0) == 100  # never fewer than 100
     assert stage3_steps({**plan, "resumed_steps": 3450}, 7.0) == 3450  # a rerun keeps its schedule
+
+
+def test_stage3_minutes_fill_what_is_left_of_the_cpu_budget():
+    cfg = DemoConfig()
+    fast = stage3_minutes(cfg, gpu=False, spent_minutes=3.0, cache_minutes=0.3)  # an AMX CPU: stage 1 in ~3 min
+    assert fast == 15.0 - 3.0 - 0.3 - STAGE3_EXTRA_MINUTES  # no fixed cap leaves minutes unused
+    slow = stage3_minutes(cfg, gpu=False, spent_minutes=5.3, cache_minutes=0.9)  # an AVX2 CPU
+    assert slow == 15.0 - 5.3 - 0.9 - STAGE3_EXTRA_MINUTES < fast
+    # Every stage together stays within the total, down to a floor of one minute of training.
+    assert 5.3 + 0.9 + slow + STAGE3_EXTRA_MINUTES <= cfg.cpu_total_minutes + 1e-9
+    assert stage3_minutes(cfg, gpu=False, spent_minutes=20.0, cache_minutes=1.0) == 1.0
+    assert stage3_minutes(DemoConfig(cpu_total_minutes=30.0), gpu=False, spent_minutes=3.0, cache_minutes=0.0) > fast
+    assert stage3_minutes(DemoConfig(ldm_minutes=2.5), gpu=False, spent_minutes=3.0, cache_minutes=0.3) == 2.5
+    assert stage3_minutes(cfg, gpu=True, spent_minutes=30.0, cache_minutes=0.0) == 60.0
