@@ -102,6 +102,10 @@ the same to 1 ms at 1 thread):
   example's, so cached stays below 2.5x at equal UNet precision. torch.compile of the channels-last
   fused `mini` step (`benchmarks.unet_cpu_options --preset mini --threads 2`): 130 vs 144 ms (1.11x)
   after 86 s of compiling, i.e. it pays back after ~6,000 steps, more than the demo trains.
+  `--threads 2 --compile` (the whole command 1m44s, compiling included): diffusers 866, now 529,
+  cached 405 ms (now 1.64x, cached 2.14x), but the compiled UNet phase, 373-376 ms, is only 3% under
+  the eager channels-last one of the run before (380-384 ms); the ratios rose mostly because the
+  example's step was 7% slower in this run (866 vs 808 ms): run-to-run noise, not a 2.5x cached step.
 
 What moved: the autoencoder's encoder in channels-last (VAE encode -27%), and with repeated captions
 the deduplication (text encode 6.4x less). One tokenisation saves ~1.6 ms of ~680 (a 32-caption
