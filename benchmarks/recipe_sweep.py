@@ -192,11 +192,15 @@ class SweepConfig:
     """More train_ldm arguments for every variant."""
     quality_args: tuple[str, ...] = ()
     """More demo_quality arguments (e.g. --sampler)."""
+    cache_dir: Path | None = None
+    """The shared latent + text cache (default: OUT/cache); a new one after the demo rebuilt its data,
+    whose old cache train_ldm refuses as stale."""
 
 
 def train_command(cfg: SweepConfig, name: str) -> list[str]:
     v = VARIANTS[name]
-    cache = cfg.out / ("cache" if not (v.data or v.sources) else f"cache_{name}")
+    base = cfg.cache_dir if cfg.cache_dir is not None else cfg.out / "cache"
+    cache = base if not (v.data or v.sources) else base.with_name(f"{base.name}_{name}")
     data = ["--data.sources", *v.sources] if v.sources else ["--data", v.data or cfg.data]
     steps = max(1, round(cfg.steps * v.steps_scale))
     schedule = max(1, round(cfg.schedule_steps * v.steps_scale))
