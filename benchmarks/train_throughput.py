@@ -101,7 +101,8 @@ the same to 1 ms at 1 thread):
   optimizer phase; the UNet phase is still 75% of `now` and 96% of `cached`, the same work as the
   example's, so cached stays below 2.5x at equal UNet precision. torch.compile of the channels-last
   fused `mini` step (`benchmarks.unet_cpu_options --preset mini --threads 2`): 130 vs 144 ms (1.11x)
-  after 86 s of compiling, i.e. it pays back after ~6,000 steps, more than the demo trains.
+  after 86 s of compiling, i.e. it pays back after ~6,000 steps, about all the demo trains (5,451
+  in its last run): no gain there.
   `--threads 2 --compile` (the whole command 1m44s, compiling included): diffusers 866, now 529,
   cached 405 ms (now 1.64x, cached 2.14x), but the compiled UNet phase, 373-376 ms, is only 3% under
   the eager channels-last one of the run before (380-384 ms); the ratios rose mostly because the
