@@ -70,6 +70,8 @@ class DemoQualityConfig:
     """Where the pipeline samples (cpu, cuda)."""
     json: Path | None = None
     """Also write every number (and the settings) to this JSON file."""
+    grid: Path | None = None
+    """Also save the images: GRID_g4.png per guidance scale, each prompt's real image then its generated ones."""
 
 
 def split_accuracy(clf, data) -> dict[str, float]:
@@ -87,6 +89,12 @@ def print_table(result: dict) -> None:
     for label, r in rows + list(result["guidance"].items()):
         print(f"{label:>8} {r['subcategory_acc']:8.3f} {r['subcategory_ratio']:9.3f} {r['category_acc']:8.3f} "
               f"{r['category_ratio']:9.3f} {r['fd']:9.2f}")
+    scales = list(result["guidance"])
+    print("\nsubcategory accuracy by category: real images, then generated at each guidance scale")
+    print(f"{'category':<20} {'real':>6} " + " ".join(f"{'g' + g:>6}" for g in scales))
+    for cat, acc in real["per_category_subcategory_acc"].items():
+        print(f"{cat:<20} {acc:6.2f} " + " ".join(
+            f"{result['guidance'][g]['per_category_subcategory_acc'][cat]:6.2f}" for g in scales))
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -108,7 +116,7 @@ def main(args: list[str] | None = None) -> dict:
     with torch.inference_mode():
         result = score_pipeline(pipe, clf, prompts, cfg.guidance, steps=cfg.steps, sampler=cfg.sampler,
                                 seed=cfg.seed, per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size,
-                                autoencoder_row=True)
+                                autoencoder_row=True, grid=cfg.grid)
     result.update(info, model=str(cfg.model), manifest_id=pipe.manifest_id, settings=to_dict(cfg),
                   seconds=round(time.time() - start, 1))
     print_table(result)

@@ -170,15 +170,39 @@ class EchoPipeline:
         return [type("G", (), {"image": self.by_prompt[p]}) for p in prompts for _ in range(num_images_per_prompt)]
 
 
-def test_score_pipeline_scores_every_guidance_scale_with_the_same_seeds(trained):
+def test_score_pipeline_scores_every_guidance_scale_with_the_same_seeds(trained, tmp_path):
     data, clf = trained
     prompts = benchmark_prompts(data, per_category=12)
     pipe = EchoPipeline(prompts)
-    result = score_pipeline(pipe, clf, prompts, (1.0, 4.5), steps=3, seed=7, per_prompt=2)
+    result = score_pipeline(pipe, clf, prompts, (1.0, 4.5), steps=3, seed=7, per_prompt=2, grid=tmp_path / "q.png")
     assert list(result["guidance"]) == ["1", "4.5"]
     assert [c["guidance"] for c in pipe.calls] == [1.0, 4.5] and {c["seed"] for c in pipe.calls} == {7}
     for r in result["guidance"].values():  # each real image twice: the same mean, covariance scaled by (N-1)/N
         assert r["subcategory_ratio"] == pytest.approx(1.0) and r["fd"] == pytest.approx(0.0, abs=0.05)
+        assert r["per_category_subcategory_acc"] == pytest.approx(result["real"]["per_category_subcategory_acc"])
+    assert set(result["real"]["per_category_subcategory_acc"]) == set(prompts.category)
+    # The grid: 4 prompts a row, each the real image then its 2 generated ones (here copies of it).
+    n, side = len(prompts.prompts), prompts.images.shape[-1]
+    grid = torch.from_numpy(np.asarray(Image.open(tmp_path / "q_g4.5.png"))).permute(2, 0, 1)
+    assert (tmp_path / "q_g1.png").is_file()
+    assert grid.shape[1] == -(-n // 4) * (side + 2)
+    first = grid[:, :side, : 3 * side]
+    for k in range(3):
+        assert torch.equal(first[:, :, k * side:(k + 1) * side], prompts.images[0])
+
+
+def test_per_category_accuracy_counts_each_category_of_the_prompts(trained):
+    data, clf = trained
+    prompts = benchmark_prompts(data, per_category=12)
+    images = prompts.images.clone()
+    first = prompts.category[0]
+    wrong = torch.tensor([c == first for c in prompts.category])
+    images[wrong] = torch.randint(0, 256, images[wrong].shape, generator=torch.Generator().manual_seed(1),
+                                  dtype=torch.uint8)
+    real = recognised(clf, prompts.images, prompts)["per_category_subcategory_acc"]
+    mixed = recognised(clf, images, prompts)["per_category_subcategory_acc"]
+    assert {c: mixed[c] for c in mixed if c != first} == {c: real[c] for c in real if c != first}
+    assert mixed[first] < real[first]
 
 
 def load_benchmark(monkeypatch):
@@ -202,6 +226,8 @@ def test_benchmark_command_end_to_end(emoji, tiny_pipeline_root, tmp_path, monke
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["guidance"].keys() == {"1", "3"} and saved["prompts"] == 6
     assert "autoenc." in out and np.isfinite(saved["autoencoder"]["fd"])  # real images through the autoencoder
+    by_category = out.split("subcategory accuracy by category")[1].split("\n(")[0].splitlines()[2:]
+    assert {ln.rsplit(None, 3)[0] for ln in by_category} == set(saved["real"]["per_category_subcategory_acc"])
     for r in saved["guidance"].values():
         real = saved["real"]["subcategory_acc"]
         assert r["subcategory_ratio"] == pytest.approx(r["subcategory_acc"] / max(real, 1e-9))

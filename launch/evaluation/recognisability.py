@@ -59,8 +59,13 @@ def recognised(clf: EmojiClassifier, images: torch.Tensor, prompts: PromptSet, p
     pred = clf.predict(images)
     sub = clf.label_ids(prompts.subcategory, "subcategory").repeat_interleave(per_prompt)
     cat = clf.label_ids(prompts.category, "category").repeat_interleave(per_prompt)
-    return {"subcategory_acc": (pred["subcategory"] == sub).float().mean().item(),
+    sub_ok = pred["subcategory"] == sub  # [N * per_prompt] bool
+    categories = [c for c in prompts.category for _ in range(per_prompt)]
+    per_category = {c: sub_ok[torch.tensor([x == c for x in categories])].float().mean().item()
+                    for c in sorted(set(prompts.category))}
+    return {"subcategory_acc": sub_ok.float().mean().item(),
             "category_acc": (pred["category"] == cat).float().mean().item(),
+            "per_category_subcategory_acc": per_category,
             "features": pred["features"]}
 
 
@@ -68,7 +73,8 @@ def compare(real: dict[str, Any], generated: dict[str, Any]) -> dict[str, float]
     """The benchmark's numbers for one set of generated images against the real images."""
     fd = frechet_distance(real["features"], generated["features"])
     out = {"subcategory_acc": generated["subcategory_acc"], "category_acc": generated["category_acc"],
-           "fd": fd if isinstance(fd, float) else float("nan")}
+           "fd": fd if isinstance(fd, float) else float("nan"),
+           "per_category_subcategory_acc": generated["per_category_subcategory_acc"]}
     for kind in ("subcategory", "category"):
         out[f"{kind}_ratio"] = generated[f"{kind}_acc"] / max(real[f"{kind}_acc"], 1e-9)
     return out
@@ -91,12 +97,14 @@ def through_autoencoder(pipe, images: torch.Tensor, batch_size: int = 32) -> tor
 @torch.no_grad()
 def score_pipeline(pipe, clf: EmojiClassifier, prompts: PromptSet, guidance_scales: tuple[float, ...], *,
                    steps: int = 20, sampler: str | None = None, seed: int = 0, per_prompt: int = 1,
-                   batch_size: int = 32, autoencoder_row: bool = False) -> dict[str, Any]:
+                   batch_size: int = 32, autoencoder_row: bool = False, grid: Path | None = None) -> dict[str, Any]:
     """{"real": accuracies on the real images, "guidance": {scale: compare(...)}} for ``pipe``; with
     ``autoencoder_row`` also "autoencoder": the real images through the pipeline's autoencoder, the
     score a perfect stage 3 would reach with this stage 1.
 
     Image k of the set uses seed ``seed + k`` at every guidance scale, so scales differ only by guidance.
+    ``grid``: also save each scale's images as a PNG beside it (``NAME_g4.png``: one row per prompt,
+    the real image first, then the generated ones).
     """
     real = recognised(clf, prompts.images, prompts)
     out: dict[str, Any] = {"real": {k: v for k, v in real.items() if k != "features"},
@@ -106,9 +114,38 @@ def score_pipeline(pipe, clf: EmojiClassifier, prompts: PromptSet, guidance_scal
     for scale in guidance_scales:
         res = pipe.generate(prompts.prompts, num_images_per_prompt=per_prompt, steps=steps, sampler=sampler,
                             guidance_scale=scale, seed=seed, batch_size=batch_size)
-        generated = recognised(clf, pil_to_uint8([r.image for r in res]), prompts, per_prompt)
+        images = pil_to_uint8([r.image for r in res])
+        generated = recognised(clf, images, prompts, per_prompt)
         out["guidance"][f"{scale:g}"] = compare(real, generated)
+        if grid is not None:
+            save_grid(grid.with_name(f"{grid.stem}_g{scale:g}.png"), prompts.images, images, per_prompt)
     return out
+
+
+def save_grid(path: Path, real: torch.Tensor, generated: torch.Tensor, per_prompt: int, columns: int = 4) -> Path:
+    """A PNG of ``columns`` prompts side by side per row: each the real image, then its generated ones.
+
+    real: uint8 [N, 3, R, R]; generated: uint8 [N * per_prompt, 3, H, W] (prompt-major).
+    """
+    from PIL import Image
+
+    side = generated.shape[-1]
+    if real.shape[-1] != side:
+        real = F.interpolate(real.float(), size=(side, side), mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
+    n = real.shape[0]
+    cells = torch.cat([real[:, None], generated.view(n, per_prompt, *generated.shape[1:])], dim=1)  # [N, 1+k, 3, H, W]
+    rows = -(-n // columns)
+    gap = max(2, side // 8)
+    width = columns * ((1 + per_prompt) * side + gap)
+    canvas = torch.full((3, rows * (side + 2), width), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        x0 = c * ((1 + per_prompt) * side + gap)
+        strip = cells[i].permute(1, 2, 0, 3).reshape(3, side, (1 + per_prompt) * side)
+        canvas[:, r * (side + 2): r * (side + 2) + side, x0: x0 + strip.shape[-1]] = strip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)
+    return path
 
 
 @dataclass
