@@ -15,6 +15,7 @@ The step is train_ldm's: the `small` UNet preset (7.17 M), latents [B, 4, 16, 16
   attn_classic     diffusers' AttnProcessor (bmm + softmax) instead of AttnProcessor2_0 (SDPA)
   compile          torch.compile(unet) (inductor CPU backend); compile time reported separately
   channels_last_fused_compile  channels-last + fused AdamW (the `small` preset's step), compiled
+  channels_last_fused_bf16  channels-last + fused AdamW under bf16 autocast (--run.mixed-precision bf16)
 
     .venv/bin/python -m benchmarks.unet_cpu_options [--steps 5] [--warmup 2] [--threads 1] [--batch-size 32] [--preset small]
         [--variants plain,channels_last,...] [--profile]
@@ -74,7 +75,8 @@ import torch
 from ldm.objective import DIFFUSION_PRESETS, DiffusionObjective
 from ldm.unet import build_unet, unet_denoiser
 
-VARIANTS = ("plain", "channels_last", "channels_last_input", "foreach", "fused", "channels_last_fused", "bf16_autocast", "sdpa_math", "attn_classic", "compile", "channels_last_fused_compile")
+VARIANTS = ("plain", "channels_last", "channels_last_input", "foreach", "fused", "channels_last_fused", "bf16_autocast",
+            "channels_last_fused_bf16", "sdpa_math", "attn_classic", "compile", "channels_last_fused_compile")
 
 
 @dataclass
@@ -97,12 +99,15 @@ def make_variant(name: str, base: torch.nn.Module, lr: float = 1e-4) -> Variant:
     adam: dict = {}
     context: Callable[[], AbstractContextManager] = nullcontext
     memory_format = torch.contiguous_format
-    if name in ("channels_last", "channels_last_fused", "channels_last_fused_compile"):
+    if name in ("channels_last", "channels_last_fused", "channels_last_fused_compile", "channels_last_fused_bf16"):
         unet = unet.to(memory_format=torch.channels_last)
         memory_format = torch.channels_last
         adam = {"fused": True} if name != "channels_last" else {}
         if name == "channels_last_fused_compile":  # train_ldm's `small` preset with --compile
             unet = torch.compile(unet)
+        if name == "channels_last_fused_bf16":  # the `small` preset's step under --run.mixed-precision bf16
+            def context() -> AbstractContextManager:
+                return torch.autocast("cpu", dtype=torch.bfloat16)
     elif name == "channels_last_input":
         memory_format = torch.channels_last
     elif name == "foreach":

@@ -85,6 +85,12 @@ class DataConfig:
     """Aspect-ratio buckets instead of square crops: a preset (sdxl: SDXL's ratios at resolution**2 pixels) and/or WxH sizes, sides multiples of 64."""
     sources: tuple[str, ...] = ()
     """Several sources mixed, instead of `source`: each SPEC or SPEC#weight=3&caption_column=alt (see data/mix.py)."""
+    balance_by: str | None = None
+    """A metadata field (a class label, a base id...): sample so each distinct value is drawn about equally often,
+    instead of in proportion to its number of images (latent cache only; its value is stored in the cache)."""
+    balance_power: float = 1.0
+    """With balance_by: a sample's weight is 1 / (images of its value) ** power (1: every value equal; 0.5:
+    shares in proportion to the square root of their sizes; 0: no balancing)."""
 
     def __post_init__(self) -> None:
         if any(isinstance(e, dict) for e in self.sources):  # --config objects -> their entry strings
@@ -121,6 +127,10 @@ class DataConfig:
             out.append(f"min_image_side={self.min_image_side} must be at least 1")
         if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
             out.append(f"background={self.background} must be three integers in 0..255")
+        if self.balance_by is not None and not self.balance_by.strip():
+            out.append("balance_by must name a metadata field (or be left unset)")
+        if not 0.0 <= self.balance_power <= 1.0:  # also refuses nan
+            out.append(f"balance_power={self.balance_power} must be in [0, 1]")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             out.append(f"max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
         if self.bad_fraction_min_seen < 1:

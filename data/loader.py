@@ -209,6 +209,9 @@ def build_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int = 0, 
     """An endless, resumable stream of training batches for process `rank` of `world_size`.
     `worker_init_fn` runs in each worker after it has set SIGTERM/SIGUSR1 to be ignored.
     With `cfg.buckets` or `cfg.sources` a PlannedLoader (same interface) is returned."""
+    if cfg.balance_by is not None:
+        raise DataConfigError(f"--data.balance-by {cfg.balance_by} draws samples by weight from the latent cache: "
+                              "train with --cache-latents (train_ldm), or leave --data.balance-by unset.")
     return _loader_class(cfg)(cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                               num_workers=num_workers, endless=True, worker_init_fn=worker_init_fn)
 

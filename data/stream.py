@@ -20,6 +20,8 @@ within the block. Items come out round robin over lanes; worker w of K serves la
 
 from __future__ import annotations
 
+import json
+
 import math
 import random
 import traceback
@@ -56,12 +58,23 @@ def process_record(record: RawRecord, cfg: DataConfig, draws_seed: int, epoch: i
         # What the latent cache stores so that a cached run can pick captions as this path does.
         sample["identity"] = str(identity)
         sample["caption_variants"] = caption_variants(record.caption, missing=cfg.missing_caption)
+        if cfg.balance_by is not None:  # the latent cache stores it; the cached loader weights by it
+            sample["balance_value"] = balance_value(record.metadata, cfg.balance_by)
         return {"sample": sample}
     except BadSample as e:
         return {"bad": (e.reason, e.message), "key": record.key, "origin": record.origin}
     except Exception as e:  # one odd file must not end a days-long run; counted and budgeted instead
         where = traceback.format_exc(limit=-2).strip().replace("\n", " | ")  # the innermost frames, for bug reports
         return {"bad": (f"unexpected_{type(e).__name__}", where), "key": record.key, "origin": record.origin}
+
+
+def balance_value(metadata: dict[str, Any], name: str) -> str | None:
+    """The sample's value of metadata field `name` as a string (None when it has none): what
+    `--data.balance-by` counts. Lists and dicts are compared by their JSON text."""
+    value = metadata.get(name)
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 def worker_lanes(next_lane: int, lanes: int) -> list[int]:
@@ -237,13 +250,15 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Samples -> the batch contract: pixel_values [B, 3, H, W], captions, keys, original_sizes [B, 2]
     (H, W), crop_top_left [B, 2] (top, left in the resized image, before cropping); for the latent
     cache also identities (what seeds each sample's draws) and caption_variants (every caption each
-    sample can get, `data.captions.caption_variants`)."""
+    sample can get, `data.captions.caption_variants`); with --data.balance-by, balance_values (each sample's value
+    of that metadata field, `balance_value`)."""
     return {
         "pixel_values": torch.stack([s["image"] for s in samples]).contiguous(),
         "captions": [s["caption"] for s in samples],
         "keys": [s["key"] for s in samples],
         "identities": [s["identity"] for s in samples],
         "caption_variants": [s["caption_variants"] for s in samples],
+        **({"balance_values": [s["balance_value"] for s in samples]} if samples and "balance_value" in samples[0] else {}),
         "original_sizes": torch.tensor([list(s["original_size"]) for s in samples], dtype=torch.long),
         "crop_top_left": torch.tensor([list(s["crop_top_left"]) for s in samples], dtype=torch.long),
     }

@@ -133,6 +133,9 @@ class TrainLDMConfig:
             problems.append("--data.shuffle-tags permutes tags anew each epoch on the fly, but the latent cache stores "
                             "each caption once in its stored order (and --cache-text one embedding of it): train "
                             "without --cache-latents/--cache-text, or without --data.shuffle-tags")
+        if self.data.balance_by is not None and not self.cache_latents:
+            problems.append(f"--data.balance-by {self.data.balance_by} draws samples by weight from the latent cache: "
+                            "add --cache-latents")
         if self.data.resolution % self.unet.downsample_factor:
             problems.append(f"data.resolution={self.data.resolution} must be a multiple of {self.unet.downsample_factor} "
                             f"(the UNet's {len(self.unet.block_out_channels)} levels) times the autoencoder's factor")

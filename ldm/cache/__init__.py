@@ -26,7 +26,8 @@ On-disk layout of `cache_dir/`:
     build.json                  the plan of the build in progress (key, processes, batch, shard bounds)
     rank000-00000.safetensors   tensors of up to `samples_per_shard` samples (and `max_shard_bytes`) of rank 0
     rank000-00000.json          per sample: keys, captions, caption_variants, identities, sources,
-                                buckets, original_sizes, crop_top_left (and text_rows with --cache-text)
+                                buckets, original_sizes, crop_top_left (and text_rows with --cache-text,
+                                balance_values with --data.balance-by)
     ...                         (keys and captions are always kept: on-the-fly text encoding needs them)
     rank001-00000.safetensors   rank 1's share, and so on
     rank000.progress.json       each rank's finished shards (sizes, sha256) and where to resume

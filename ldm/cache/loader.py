@@ -6,6 +6,10 @@ epoch), and whether a sample shows its flipped latents is drawn per sample index
 position is one integer, so `state_dict()` is tiny JSON and a resumed loader yields exactly the
 batches it would have.
 
+With per-sample `weights` (`--data.balance-by`, see `balance_weights`) an epoch is instead N draws
+with replacement, each sample with probability weight / sum, from the same (seed, e) generator:
+still N samples an epoch, still one integer of position, so resume stays exact.
+
 A fresh latent `mean + std * eps` is drawn every step (`sample_latents`), exactly as on-the-fly
 training draws `latent_dist.sample()`.
 
@@ -81,7 +85,7 @@ class CachedLatentLoader:
     """
 
     def __init__(self, cache: LatentCache, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 with_text: bool | None = None) -> None:
+                 with_text: bool | None = None, weights: torch.Tensor | None = None) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"CachedLatentLoader needs batch_size >= 1 and 0 <= rank < world_size; got "
                              f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
@@ -90,6 +94,10 @@ class CachedLatentLoader:
                              f"fewer than the {world_size} processes")
         self.cache, self.batch_size, self.seed, self.rank, self.world_size = cache, batch_size, seed, rank, world_size
         self.with_text = cache.has_text if with_text is None else with_text
+        if weights is not None and (weights.shape != (len(cache),) or not bool((weights >= 0).all())
+                                    or not float(weights.sum()) > 0):
+            raise ValueError(f"CachedLatentLoader weights must be [{len(cache)}] non-negative numbers, not all 0")
+        self.cdf = None if weights is None else (weights.double().cumsum(0) / weights.double().sum())  # [N]
         self.share = len(cache) // world_size  # samples per rank per epoch
         self.position = 0  # samples this rank has passed, over all epochs
         self.batches = 0
@@ -104,7 +112,12 @@ class CachedLatentLoader:
         if self._plan is None or self._plan[0] != epoch:
             n = len(self.cache)
             order_gen = torch.Generator().manual_seed(derived_seed(self.seed, "order", epoch))
-            order = torch.randperm(n, generator=order_gen)[self.rank * self.share : (self.rank + 1) * self.share]
+            if self.cdf is None:
+                order = torch.randperm(n, generator=order_gen)
+            else:  # N weighted draws with replacement; searchsorted has no 2**24 limit as multinomial has
+                u = torch.rand(n, generator=order_gen, dtype=torch.float64)
+                order = torch.searchsorted(self.cdf, u, right=True).clamp_(max=n - 1)
+            order = order[self.rank * self.share : (self.rank + 1) * self.share]
             flips = torch.zeros(n, dtype=torch.bool)
             if self.cache.has_flip:
                 flip_gen = torch.Generator().manual_seed(derived_seed(self.seed, "flip", epoch))
@@ -130,20 +143,41 @@ class CachedLatentLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "num_samples": len(self.cache), "position": self.position, "batches": self.batches}
+                "num_samples": len(self.cache), "balanced": self.cdf is not None, "position": self.position,
+                "batches": self.batches}
 
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Restore this rank's position; `state` is its own dict or the list of all ranks' dicts."""
         state = own_rank_state(state, self.rank)
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"saved cache-loader state has version {state.get('version')}, expected {STATE_VERSION}")
-        for name in ("seed", "rank", "world_size", "num_samples"):
+        state = {"balanced": False, **state}  # saved before --data.balance-by existed
+        for name in ("seed", "rank", "world_size", "num_samples", "balanced"):
             if state.get(name) != self.state_dict()[name]:
                 raise ValueError(
                     f"cannot resume the cached data position: it was saved with {name}={state.get(name)!r}, this "
                     f"run has {name}={self.state_dict()[name]!r}. Resume with the same cache, seed and process count."
                 )
         self.position, self.batches = int(state["position"]), int(state["batches"])
+
+
+def balance_weights(groups: list[str | None], power: float, field: str, keys: list[str] | None = None) -> torch.Tensor:
+    """Per-sample weights [N] float64: 1 / (samples sharing its group) ** power.
+
+    power 1: every group is drawn equally often; 0.5: a group's share grows with the square root of
+    its size; 0: every sample alike (no balancing). A sample without a value is refused: it would
+    otherwise be silently dropped or lumped with others.
+    """
+    missing = [i for i, g in enumerate(groups) if g is None]
+    if missing:
+        example = f" (e.g. {keys[missing[0]]!r})" if keys else ""
+        raise ValueError(f"--data.balance-by {field}: {len(missing)} of {len(groups)} samples have no {field!r} in "
+                         f"their metadata{example}. Add it to every sample (shard .json, metadata.jsonl column or "
+                         "dataset column), or balance by another field.")
+    counts: dict[str, int] = {}
+    for g in groups:
+        counts[g] = counts.get(g, 0) + 1  # type: ignore[index]
+    return torch.tensor([counts[g] for g in groups], dtype=torch.float64).pow(-power)  # type: ignore[index]
 
 
 def own_rank_state(state: dict[str, Any] | list[dict[str, Any]], rank: int) -> dict[str, Any]:

@@ -24,6 +24,7 @@ The position is the step and, per sub-stream, [epoch, offset]: tiny JSON, exact 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ import data
 from data.mix import mixed_sources
 from data.planned import Schedule, SubStream, batch_counts, bucket_histogram, stream_part
 from data.sample import sample_draws
-from ldm.cache.loader import CachedLatentLoader, cached_batch, chosen_variant, own_rank_state
+from ldm.cache.loader import CachedLatentLoader, balance_weights, cached_batch, chosen_variant, own_rank_state
 from ldm.cache.reader import LatentCache
 
 logger = logging.getLogger(__name__)
@@ -166,7 +167,22 @@ class CachedPlannedLoader:
 def cached_loader(cache: LatentCache, data_cfg: data.DataConfig, *, batch_size: int, seed: int, rank: int = 0,
                   world_size: int = 1, with_text: bool | None = None) -> CachedLatentLoader | CachedPlannedLoader:
     """The training stream of `cache`: a CachedPlannedLoader for a bucketed or mixed cache, else a
-    CachedLatentLoader. `data_cfg` is this run's --data (its weights and repeats decide the mix)."""
+    CachedLatentLoader. `data_cfg` is this run's --data (its weights and repeats decide the mix;
+    `balance_by` and `balance_power` weight the samples of a square, single-source cache)."""
+    if data_cfg.balance_by is not None:
+        if cache.streams is not None:
+            raise data.DataConfigError("--data.balance-by works on one square source for now; with --data.buckets or "
+                                       "--data.sources, balance with the sources' weights instead (data/mix.py).")
+        weights = balance_weights(cache.balance_values, data_cfg.balance_power, data_cfg.balance_by, cache.keys)
+        if rank == 0:
+            sizes = sorted(Counter(cache.balance_values).values())
+            logger.info("--data.balance-by %s (power %g): %d values of 1 to %d samples; an epoch draws %d samples "
+                        "with replacement, the largest value %.1f%% of them (%.1f%% unbalanced)",
+                        data_cfg.balance_by, data_cfg.balance_power, len(sizes), sizes[-1], len(cache),
+                        100 * sizes[-1] ** (1 - data_cfg.balance_power) / float(weights.sum()),
+                        100 * sizes[-1] / len(cache))
+        return CachedLatentLoader(cache, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                                  with_text=with_text, weights=weights)
     if cache.streams is None:
         return CachedLatentLoader(cache, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                                   with_text=with_text)

@@ -61,6 +61,8 @@ class LatentCache:
         self.sources: list[int] = []
         self.buckets: list[tuple[int, int] | None] = []
         self.text_rows: list[list[int]] = []
+        self.balance_values: list[str | None] = []
+        """Each sample's value of the --data.balance-by field the cache was built with (None: none stored)."""
         sizes_hw: list[list[int]] = []
         corners: list[list[int]] = []
         for n, name in enumerate(self.shard_names):
@@ -70,6 +72,7 @@ class LatentCache:
             self.caption_variants += index["caption_variants"]
             self.identities += index["identities"]
             self.sources += index["sources"]
+            self.balance_values += index.get("balance_values", [None] * len(index["keys"]))
             self.buckets += [None if b is None else (b[0], b[1]) for b in index["buckets"]]
             sizes_hw += index["original_sizes"]
             corners += index["crop_top_left"]

@@ -82,6 +82,8 @@ class ShardWriter:
                  "identities": list(batch["identities"]), "sources": [source] * n,
                  "buckets": [None if bucket is None else list(bucket)] * n,
                  "original_sizes": batch["original_sizes"].tolist(), "crop_top_left": batch["crop_top_left"].tolist()}
+        if "balance_values" in batch:  # --data.balance-by: each sample's value of that metadata field
+            index["balance_values"] = list(batch["balance_values"])
         chunk = _Chunk({name: t[skip:] for name, t in encoded.latents.items()},
                        {name: values[skip:] for name, values in index.items()}, encoded.text, before, skip)
         pending = sum(map(len, self._chunks))
@@ -136,6 +138,8 @@ class ShardWriter:
         taken = [c for c in taken if len(c)]
         shard = {name: torch.cat([c.tensors[name] for c in taken]).contiguous() for name in taken[0].tensors}
         index = {name: [v for c in taken for v in c.index[name]] for name in INDEX_FIELDS}
+        if "balance_values" in taken[0].index:  # every chunk of a build has them or none does
+            index["balance_values"] = [v for c in taken for v in c.index["balance_values"]]
         if taken[0].text is not None:
             rows: dict[str, int] = {}  # caption -> its row in this shard's text table, first seen first
             embeddings = []

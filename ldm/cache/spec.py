@@ -41,7 +41,9 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": 
 # is excluded because a cache always crops the centre. Every other field, including ones added
 # later, is part of the key, so a new pixel-changing option is never silently ignored.
 DATA_FIELDS_NOT_KEYED = ("crop", "cache_dir", "max_bad_fraction", "bad_fraction_min_seen", "shuffle_block",
-                         "allow_pipe_urls")
+                         "allow_pipe_urls", "balance_power")
+# `balance_by` is keyed (the cache stores that field's value of every sample), but only when set, so
+# caches built before the option existed keep their key.
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ def data_key(data_cfg: data.DataConfig) -> dict[str, Any]:
     mix's sources as their specs and per-source options, without weight and repeat."""
     fields = dataclasses.asdict(data_cfg)
     key = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items() if k not in DATA_FIELDS_NOT_KEYED}
+    if key.get("balance_by") is None:
+        key.pop("balance_by", None)
     key["sources"] = [{name: value for name, value in dataclasses.asdict(entry).items()
                        if name not in ("weight", "repeat") and value is not None}
                       for entry in map(parse_source_entry, data_cfg.sources)]
