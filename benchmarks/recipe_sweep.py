@@ -53,6 +53,7 @@ MINI_OVER_SMALL, MINI_POOLED_COST, C16_COST, MINI_B64_COST = 0.343, 1.07, 0.70, 
 # Fifth sweep (quiet AMX Xeon, unet_step_cost.py --threads 2 --rounds 10): AdaGN 1.01 (mini 0.137 s,
 # scale-shift 0.138 s), 2 heads 0.93 (0.128 s) per step.
 MINI_SS_COST, MINI_HEADS2_COST = 1.0, 0.93
+BALANCE = ("--data.balance-by", "base")
 OLD_ARGS = ("--diffusion.schedule.prediction-type", "epsilon", "--diffusion.timestep-sampling", "uniform",
             "--diffusion.min-snr-gamma", "5", "--run.ema-sigma-rel", "0", "--unet.block-out-channels", "64",
             "128", "128", "--unet.norm-num-groups", "32")
@@ -75,6 +76,9 @@ class Variant:
     """Other training data than --data (with its own latent cache); the benchmark still uses --data."""
     sources: tuple[str, ...] = ()
     """A mix (`--data.sources`) instead of --data, with its own latent cache (e.g. from split_by_field.py)."""
+    cache: str = ""
+    """A suffix for a latent cache of its own (shared by the variants with the same suffix): --data.balance-by
+    stores the field in the cache, so balanced variants cannot read the plain one."""
 
 
 VARIANTS: dict[str, Variant] = {
@@ -157,6 +161,12 @@ VARIANTS: dict[str, Variant] = {
     "m_heads2": Variant(("--unet.num-heads", "2"), "m with 2 attention heads of 24 channels instead of 4 of 12",
                         steps_scale=1 / MINI_HEADS2_COST),
     "m_p05": Variant(("--p-uncond", "0.05"), "m with 5% caption dropout instead of 10%"),
+    "m_bal": Variant(BALANCE, "m drawing every base emoji (with its skin-tone variants) equally often: "
+                     "--data.balance-by base", cache="bal"),
+    "m_bal_sqrt": Variant(BALANCE + ("--data.balance-power", "0.5"), "m_bal with weight 1 / sqrt(images of its "
+                          "base emoji): a base emoji's share grows with the square root of its variants", cache="bal"),
+    "m_bal_c32": Variant(BALANCE + C32, "m_bal with channels (32,64,64), 2.0 M, fewer steps",
+                         steps_scale=C24_COST / C32_COST, cache="bal"),
     "flow_const": Variant(tuple(FLOW) + ("--run.lr-schedule", "constant"), "flow, constant LR after warmup"),
     "flow_anneal": Variant(tuple(FLOW) + ("--run.lr-schedule-steps", "0"), "flow, cosine annealed to 0 at the end"),
 }
@@ -197,10 +207,18 @@ class SweepConfig:
     whose old cache train_ldm refuses as stale."""
 
 
-def train_command(cfg: SweepConfig, name: str) -> list[str]:
+def cache_of(cfg: SweepConfig, name: str) -> Path:
+    """The latent cache variant `name` trains from."""
     v = VARIANTS[name]
     base = cfg.cache_dir if cfg.cache_dir is not None else cfg.out / "cache"
-    cache = base if not (v.data or v.sources) else base.with_name(f"{base.name}_{name}")
+    if v.data or v.sources:
+        return base.with_name(f"{base.name}_{name}")
+    return base.with_name(f"{base.name}_{v.cache}") if v.cache else base
+
+
+def train_command(cfg: SweepConfig, name: str) -> list[str]:
+    v = VARIANTS[name]
+    cache = cache_of(cfg, name)
     data = ["--data.sources", *v.sources] if v.sources else ["--data", v.data or cfg.data]
     steps = max(1, round(cfg.steps * v.steps_scale))
     schedule = max(1, round(cfg.schedule_steps * v.steps_scale))
@@ -223,11 +241,15 @@ def train_all(cfg: SweepConfig, names: list[str]) -> dict[str, float]:
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     seconds: dict[str, float] = {}
     cfg.out.mkdir(parents=True, exist_ok=True)
-    # The first variant builds the shared cache alone, so parallel builds do not race for it.
-    manifest = cfg.out / "cache" / "cache_manifest.json"
+
+    def can_start(name: str) -> bool:  # a cache is built by one variant alone, so builds do not race
+        cache = cache_of(cfg, name)
+        return (cache / "cache_manifest.json").exists() or all(cache_of(cfg, r) != cache for r in running)
+
     while todo or running:
-        while todo and len(running) < (cfg.parallel if manifest.exists() or not running else 1):
-            name = todo.pop(0)
+        while len(running) < cfg.parallel and any(can_start(n) for n in todo):
+            name = next(n for n in todo if can_start(n))
+            todo.remove(name)
             log = open(cfg.out / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
             print(f"[sweep] training {name}: {' '.join(train_command(cfg, name)[2:])}", flush=True)
             running[name] = (subprocess.Popen(train_command(cfg, name), stdout=log, stderr=subprocess.STDOUT,
