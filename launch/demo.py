@@ -39,7 +39,11 @@ STAGE3_EXTRA_MINUTES = 1.4  # stage 3 besides training and the cache (start, las
 # AMX Xeon: 0.139 s against 0.123 (1.13; stopped at 3,880 of 4,372) and 0.119 against 0.109 (1.09;
 # 5,451 of 5,956). The mean of the five, 1.07, lets the cosine end more often inside the minutes.
 LOOP_OVERHEAD = 1.07
-CALIBRATION_STEPS = 12
+# On a shared VM (AVX512-BF16 EPYC, 2026-12-04) the bare step drifted between 146 and 264 ms within
+# 120 steps, and 12 calibration steps said 0.144 s where the loop ran 0.194 (1.35x: stopped at 2,572
+# of 3,228 steps, LR at 10% of its peak). Medians of 12 steps there: 0.153 and 0.163 s; of 60: 0.201.
+# 40 steps (~7 s) average over more of such drift for 5 s more of planning.
+CALIBRATION_STEPS = 40
 
 DEMO_PROMPTS = [
     "grinning face",
@@ -135,8 +139,8 @@ def stage3_minutes(cfg: DemoConfig, gpu: bool, spent_minutes: float, cache_minut
 
 
 def plan_stage3(cfg: DemoConfig, out: Path) -> dict[str, float]:
-    """Seconds per stage-3 step and minutes of the latent cache build on this CPU, measured (~10 s: the
-    median of 12 steps after 3, and two batches of the cache's encoders).
+    """Seconds per stage-3 step and minutes of the latent cache build on this CPU, measured (~15 s: the
+    median of 40 steps after 3, and two batches of the cache's encoders).
 
     A run that already has a checkpoint keeps the step count it started with (its LR schedule), so a
     rerun resumes or finds it finished instead of training on with another schedule."""
