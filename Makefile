@@ -1,5 +1,5 @@
 # The two commands a new user runs: `make demo` and `make test`.
-# Both create (or reuse) .venv and install the project with the pinned CPU torch from constraints.txt.
+# Both create (or reuse) .venv and install the project with the torch pinned in constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
