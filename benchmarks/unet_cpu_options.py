@@ -57,6 +57,11 @@ Quiet AMX Xeon, `--preset mini --threads 2 --steps 20 --warmup 3 --variants
 channels_last_fused,channels_last_fused_compile` (2026-12-03): 144 vs 130 ms (compiled 1.11x) after 86 s
 (115 CPU-s) of compiling: it pays back after ~6,000 steps, about all the demo trains (5,451 in its last
 run), so the demo does not compile.
+AMD EPYC with AVX512-BF16, no AMX (a shared VM, nothing else of ours running; 2026-12-04), `--threads 2
+--steps 30 --warmup 3 --variants plain,channels_last_fused,bf16_autocast,channels_last_fused_bf16`,
+wall ms per step: `--preset mini` 262 / 243 (1.08x) / 305 (0.86x) / 299 (0.88x); `--preset small`
+684 / 659 (1.04x) / 538 (1.27x) / 580 (1.18x). bf16 autocast pays only for the wider UNet; the AMX
+Xeon gave the same split (mini 0.70x, small 1.14x), so the demo's `mini` stage 3 stays fp32.
 """
 
 from __future__ import annotations
