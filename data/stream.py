@@ -21,7 +21,6 @@ within the block. Items come out round robin over lanes; worker w of K serves la
 from __future__ import annotations
 
 import json
-
 import math
 import random
 import traceback
