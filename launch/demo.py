@@ -160,7 +160,8 @@ def plan_stage3(cfg: DemoConfig, out: Path) -> dict[str, float]:
     step = unet_step_seconds(preset.unet, text_width=te.hidden_size, text_tokens=te.max_length,
                              latent_channels=contract.latent_channels,
                              latent_size=resolution // contract.downsample_factor, batch_size=preset.run.batch_size,
-                             channels_last=preset.channels_last, steps=CALIBRATION_STEPS, warmup=3)
+                             channels_last=preset.channels_last, optimizer=preset.optimizer, steps=CALIBRATION_STEPS,
+                             warmup=3)
     cached = out / "ldm" / "cache" / "cache_manifest.json"
     per_image = 0.0 if cached.is_file() else cache_seconds_per_image(
         load_autoencoder(out / "vae" / "model")[0], te, resolution=resolution, flip=preset.data.flip)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from diffusers import AutoencoderKL
 
 from launch.demo import LOOP_OVERHEAD, STAGE3_EXTRA_MINUTES, DemoConfig, stage3_minutes, stage3_steps
@@ -9,10 +10,17 @@ from launch.training.step_timing import cache_seconds_per_image, unet_step_secon
 from ldm.unet import UNET_PRESETS
 
 
-def test_unet_step_seconds_times_a_real_training_step():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_unet_step_seconds_times_a_real_training_step_with_train_ldms_optimizer(optimizer, monkeypatch):
+    from launch.training.muon import MuonAdamW
+
+    steps = []
+    original = MuonAdamW._muon_step
+    monkeypatch.setattr(MuonAdamW, "_muon_step", lambda self, group: (steps.append(1), original(self, group))[1])
     seconds = unet_step_seconds(UNET_PRESETS["tiny"], text_width=16, text_tokens=5, latent_channels=4, latent_size=8,
-                                batch_size=2, steps=2, warmup=1)
+                                batch_size=2, optimizer=optimizer, steps=2, warmup=1)
     assert 0 < seconds < 30
+    assert len(steps) == (3 if optimizer == "muon" else 0)  # the timed optimizer is the one the run will use
 
 
 class CountingTextEncoder:

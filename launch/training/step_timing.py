@@ -15,16 +15,19 @@ from ldm.unet import UNetConfig, build_unet
 
 
 def unet_step_seconds(cfg: UNetConfig, *, text_width: int, text_tokens: int, latent_channels: int, latent_size: int,
-                      batch_size: int, channels_last: bool = False, steps: int = 6, warmup: int = 2,
-                      seed: int = 0) -> float:
-    """Median seconds of a stage-3 step (forward, MSE, backward, fused AdamW, EMA lerp) on random inputs."""
+                      batch_size: int, channels_last: bool = False, optimizer: str = "adamw", steps: int = 6,
+                      warmup: int = 2, seed: int = 0) -> float:
+    """Median seconds of a stage-3 step (forward, MSE, backward, train_ldm's optimizer, EMA lerp) on random inputs."""
+    from launch.training.optim import make_unet_optimizer
+
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = build_unet(cfg, cross_attention_dim=text_width, latent_channels=latent_channels)
     if channels_last:
         net.to(memory_format=torch.channels_last)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    opt = make_unet_optimizer(net, optimizer, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, muon_momentum=0.95,
+                              device=torch.device("cpu"))
     shadow = [p.detach().clone() for p in params]
     x = torch.randn(batch_size, latent_channels, latent_size, latent_size, generator=g)
     t = torch.randint(0, 1000, (batch_size,), generator=g)
