@@ -78,3 +78,28 @@ def test_muon_run_resumes_bitwise_and_refuses_lora(captioned_images, tiny_autoen
         TrainLDMConfig(optimizer="muon", lora_rank=4)
     with pytest.raises(ValueError, match="muon_momentum"):
         TrainLDMConfig(muon_momentum=1.0)
+
+
+def test_an_fp16_grad_scaler_unscales_before_muon_sees_the_gradients():
+    """Fused AdamW takes scaled gradients from a GradScaler and unscales them in its kernel; Muon's
+    momentum would then accumulate gradients x 1024. The scaler must unscale first."""
+
+    def train(scaler):
+        w, b = torch.nn.Parameter(torch.ones(4, 6)), torch.nn.Parameter(torch.zeros(4))
+        opt = MuonAdamW([w], [b], lr=0.1, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            loss = ((x @ w.T + b) ** 2).mean()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            opt.zero_grad()
+        return w.detach(), b.detach(), opt.state[w]["momentum_buffer"]
+
+    plain, scaled = train(None), train(torch.amp.GradScaler("cpu", init_scale=1024.0))
+    for a, b in zip(plain, scaled):
+        assert torch.allclose(a, b, atol=1e-5)

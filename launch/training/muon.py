@@ -60,6 +60,9 @@ class MuonAdamW(torch.optim.AdamW):
         groups = [{"params": muon_params, "muon": True, "momentum": momentum, "ns_steps": ns_steps},
                   {"params": adamw_params, "muon": False, "momentum": momentum, "ns_steps": ns_steps}]
         super().__init__([g for g in groups if g["params"]], lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+        # Fused AdamW lets an fp16 GradScaler hand it still-scaled gradients to unscale inside its kernel;
+        # Muon's momentum must see unscaled ones, so the scaler unscales every gradient first.
+        self._step_supports_amp_scaling = False
 
     @torch.no_grad()
     def step(self, closure=None):
