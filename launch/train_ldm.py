@@ -75,7 +75,7 @@ class TrainLDMConfig:
     """AdamW's decoupled weight decay."""
     optimizer: Literal["adamw", "muon"] = "adamw"
     """muon: Muon (orthogonalised Nesterov momentum) for the UNet's weight matrices and convolution kernels, AdamW
-    (with --lr, --adam-betas, --weight-decay) for biases, norms, conv_in and conv_out; same LR and schedule for both."""
+    (with --lr, --adam-betas, --weight-decay) for biases, norms, conv_in, conv_out and LoRA adapters; same LR and schedule."""
     muon_momentum: float = 0.95
     """With --optimizer muon: Muon's momentum."""
     gradient_checkpointing: bool = False
@@ -135,9 +135,6 @@ class TrainLDMConfig:
                             "(benchmarks/demo_quality.py trains and caches one)")
         if not 0.0 <= self.muon_momentum < 1.0:
             problems.append(f"muon_momentum={self.muon_momentum} must be in [0, 1)")
-        if self.optimizer == "muon" and self.lora_rank:
-            problems.append("--optimizer muon orthogonalises whole weight matrices, not LoRA's low-rank factors: "
-                            "train LoRA adapters with --optimizer adamw")
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             problems.append(f"lora_alpha={self.lora_alpha} must be a positive number or None")
         if (self.cache_latents or self.cache_text) and self.data.shuffles_tags():
@@ -217,6 +214,8 @@ def train(cfg: TrainLDMConfig) -> Path:
     objective = DiffusionObjective(cfg.diffusion)
     opt = make_unet_optimizer(unet, cfg.optimizer, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                               muon_momentum=cfg.muon_momentum, device=acc.device)
+    if cfg.optimizer == "muon" and cfg.lora_rank:
+        acc.print("--optimizer muon: LoRA adapters are low-rank factors, not whole weight matrices, so AdamW steps them")
     sched = make_lr_schedule(opt, run)
     unet, opt = acc.prepare(unet, opt)
     raw = acc.unwrap_model(unet)

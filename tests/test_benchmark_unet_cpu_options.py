@@ -12,10 +12,10 @@ def test_every_variant_row_is_printed_and_the_step_trains(monkeypatch, capsys):
     from benchmarks import unet_cpu_options as bench
 
     monkeypatch.setattr(sys, "argv", ["unet_cpu_options", "--preset", "tiny", "--batch-size", "1", "--steps", "1", "--warmup", "0",
-                                      "--variants", "plain,channels_last_input,fused"])
+                                      "--variants", "plain,channels_last_input,fused,channels_last_muon"])
     bench.main()
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
-    assert rows == ["plain", "channels_last_input", "fused"]
+    assert rows == ["plain", "channels_last_input", "fused", "channels_last_muon"]
 
 
 def test_a_step_changes_the_weights_and_an_unknown_variant_is_refused():

@@ -43,6 +43,17 @@ def test_muon_takes_hidden_matrices_and_kernels_and_leaves_edges_biases_and_norm
     assert len(muon) + len(adamw) == len(list(net.parameters()))
 
 
+def test_lora_adapters_are_stepped_by_adamw():
+    from ldm.lora import LoRAConfig, add_lora
+    from ldm.unet import UNET_PRESETS, build_unet
+
+    net = build_unet(UNET_PRESETS["tiny"], cross_attention_dim=32, latent_channels=4)
+    add_lora(net, LoRAConfig(rank=2))
+    muon, adamw = muon_parameters(net.named_parameters())
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert muon == [] and len(adamw) == len(trainable) > 0 and all(p.ndim == 2 for p in adamw)
+
+
 def test_muon_steps_kernels_by_an_orthogonal_update_at_adamws_rms_and_adamw_the_rest():
     torch.manual_seed(0)
     conv, bias = torch.nn.Parameter(torch.randn(6, 3, 3, 3)), torch.nn.Parameter(torch.zeros(6))
@@ -57,7 +68,7 @@ def test_muon_steps_kernels_by_an_orthogonal_update_at_adamws_rms_and_adamw_the_
     assert set(opt.state[conv]) == {"step", "momentum_buffer"} and "exp_avg" in opt.state[bias]
 
 
-def test_muon_run_resumes_bitwise_and_refuses_lora(captioned_images, tiny_autoencoder, tmp_path):
+def test_muon_run_resumes_bitwise(captioned_images, tiny_autoencoder, tmp_path):
     from launch.train_ldm import TrainLDMConfig, main
 
     def args(out, *extra):
@@ -74,8 +85,6 @@ def test_muon_run_resumes_bitwise_and_refuses_lora(captioned_images, tiny_autoen
               if r["kind"] == "train"]
     assert all(map(torch.isfinite, torch.tensor(losses)))
 
-    with pytest.raises(ValueError, match="optimizer muon"):
-        TrainLDMConfig(optimizer="muon", lora_rank=4)
     with pytest.raises(ValueError, match="muon_momentum"):
         TrainLDMConfig(muon_momentum=1.0)
 

@@ -8,7 +8,8 @@ convolutions (most of its weights) to AdamW, hence this small optimizer.
 
 The update is scaled by 0.2 * sqrt(max(rows, cols)) so its RMS matches AdamW's (Liu et al.): the same
 learning rate and weight decay serve both kinds of parameters, and the LR schedule scales both.
-Biases, norms, ``conv_in`` and ``conv_out`` stay on AdamW, as the papers keep the first and last layers.
+Biases, norms, ``conv_in`` and ``conv_out`` stay on AdamW, as the papers keep the first and last layers,
+and so do LoRA adapters.
 The state is plain tensors (``momentum_buffer`` beside AdamW's moments), so checkpoints and exact resume
 work as for AdamW.
 """
@@ -41,11 +42,13 @@ def orthogonalise(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 def muon_parameters(named: Iterable[tuple[str, torch.nn.Parameter]]) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """(Muon's, AdamW's) trainable parameters: weights with 2+ dimensions outside the first and last layer go to Muon."""
+    """(Muon's, AdamW's) trainable parameters: weights with 2+ dimensions outside the first and last layer go to
+    Muon; LoRA's low-rank factors (peft's ``lora_A``/``lora_B``) to AdamW, since Muon's update is meant for whole matrices."""
     muon, adamw = [], []
     for name, p in named:
         if p.requires_grad:
-            (muon if p.ndim >= 2 and not name.startswith(EDGE_LAYERS) else adamw).append(p)
+            whole_matrix = p.ndim >= 2 and not name.startswith(EDGE_LAYERS) and ".lora_" not in name
+            (muon if whole_matrix else adamw).append(p)
     return muon, adamw
 
 
