@@ -41,6 +41,8 @@ from tiny import tiny_autoencoder_dir, two_process_command
     ("model.latent_channels", 4, 8, "refused"),
     ("cache_latents", False, True, "refused"),
     ("lora_rank", 0, 4, "refused"),
+    ("optimizer", "adamw", "muon", "refused"),
+    ("muon_momentum", 0.95, 0.9, "override"),
     ("decoder_only", False, True, "refused"),
     ("loss.discriminator.channels", 64, 32, "refused"),
     ("loss.kl_weight", 1e-6, 1e-5, "override"),
@@ -48,6 +50,13 @@ from tiny import tiny_autoencoder_dir, two_process_command
 ])
 def test_each_kind_of_change(key, old, new, kind):
     assert kind_of(key, old, new) == kind
+
+
+def test_a_run_recorded_before_the_optimizer_field_resumes_as_adamw_and_refuses_muon():
+    old = {"config": {"lr": 1e-3}}
+    assert compare(old, {"config": {"lr": 1e-3, "optimizer": "adamw", "muon_momentum": 0.95}}).changes == []
+    [change] = compare(old, {"config": {"lr": 1e-3, "optimizer": "muon", "muon_momentum": 0.95}}).changes
+    assert (change.key, change.old, change.kind) == ("optimizer", "adamw", "refused")
 
 
 def test_allow_changes_matches_dotted_names_last_parts_or_all():

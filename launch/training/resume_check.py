@@ -47,12 +47,15 @@ LIVE_FIELDS = frozenset({
 })
 # Changes that make the checkpoint meaningless (a dotted path equal to or below one of these).
 REFUSED_PREFIXES = ("stages", "data", "unet", "model", "diffusion", "objective", "loss.discriminator",
-                    "cache_latents", "cache_text", "lora_rank", "posthoc_ema.sigma_rels", "decoder_only")
+                    "cache_latents", "cache_text", "lora_rank", "posthoc_ema.sigma_rels", "decoder_only",
+                    "optimizer")  # AdamW's moments and Muon's momentum are different states
 # Below a refused prefix but only worth an explicit override.
 OVERRIDABLE_UNDER_REFUSED = frozenset({
     "data.max_bad_fraction", "data.bad_fraction_min_seen", "data.allow_pipe_urls", "stages.text_encoder.dtype",
 })
 NOT_COMPARED = frozenset({"run.allow_changes"})
+# Fields added after checkpoints were already being written: what a record without them trained with.
+IMPLIED_WHEN_ABSENT = {"optimizer": "adamw", "muon_momentum": 0.95}
 
 _SHOWN = "<absent>"
 
@@ -167,7 +170,7 @@ def compare(recorded: dict[str, Any], current: dict[str, Any], allow: Iterable[s
     for key in sorted(set(old_flat) | set(new_flat)):
         if key in NOT_COMPARED:
             continue
-        old, new = old_flat.get(key, _SHOWN), new_flat.get(key, _SHOWN)
+        old, new = old_flat.get(key, IMPLIED_WHEN_ABSENT.get(key, _SHOWN)), new_flat.get(key, _SHOWN)
         if old != new:
             changes.append(Change(key, old, new, kind_of(key, old, new)))
     return ResumeDecision(changes, tuple(allow))
