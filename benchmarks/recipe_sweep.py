@@ -58,7 +58,8 @@ BALANCE = ("--data.balance-by", "base")
 # weight matrices and kernels costs 1.11x AdamW's step at 1 thread (272 vs 246 ms), 1.14x at 2 (229 vs 200);
 # a second, quiet run at 2 threads: mini 176 ms, mini + Muon 1.10x, (32,64,64) 1.27x, (32,64,64) + Muon 1.54x.
 # A third (7 rounds of 5 steps, 2 threads): mini 188 ms, + Muon 1.24x, batch 64 1.69x, batch 64 + Muon 1.77x.
-MUON_COST, C32_MUON_COST, B64_MUON_COST = 1.14, 1.54, 1.77
+# A fourth (6 rounds): mini 175 ms, + Muon 1.16x, batch 128 3.41x, batch 128 + Muon 3.32x.
+MUON_COST, C32_MUON_COST, B64_MUON_COST, B128_MUON_COST = 1.14, 1.54, 1.77, 3.4
 OLD_ARGS = ("--diffusion.schedule.prediction-type", "epsilon", "--diffusion.timestep-sampling", "uniform",
             "--diffusion.min-snr-gamma", "5", "--run.ema-sigma-rel", "0", "--unet.block-out-channels", "64",
             "128", "128", "--unet.norm-num-groups", "32")
@@ -185,6 +186,14 @@ VARIANTS: dict[str, Variant] = {
                               steps_scale=1 / C32_MUON_COST, cache="bal", optimizer="muon"),
     "m_bal_muon_b64": Variant(BALANCE + ("--run.batch-size", "64"), "m_bal_muon at batch 64, fewer steps",
                               steps_scale=1 / B64_MUON_COST, cache="bal", optimizer="muon"),
+    "m_bal_s1": Variant(BALANCE + ("--run.seed", "1"), "m_bal (AdamW) with seed 1", cache="bal"),
+    "m_bal_muon_s1": Variant(BALANCE + ("--run.seed", "1"), "m_bal_muon with seed 1", steps_scale=1 / MUON_COST,
+                             cache="bal", optimizer="muon"),
+    "m_bal_muon_b64_s1": Variant(BALANCE + ("--run.batch-size", "64", "--run.seed", "1"),
+                                 "m_bal_muon_b64 with seed 1 (another initialisation and draw order)",
+                                 steps_scale=1 / B64_MUON_COST, cache="bal", optimizer="muon"),
+    "m_bal_muon_b128": Variant(BALANCE + ("--run.batch-size", "128"), "m_bal_muon at batch 128, fewer steps",
+                               steps_scale=1 / B128_MUON_COST, cache="bal", optimizer="muon"),
     "m_bal_muon_wd0.1": Variant(BALANCE + ("--weight-decay", "0.1"), "m_bal_muon with weight decay 0.1",
                                 steps_scale=1 / MUON_COST, cache="bal", optimizer="muon"),
     "flow_const": Variant(tuple(FLOW) + ("--run.lr-schedule", "constant"), "flow, constant LR after warmup"),
